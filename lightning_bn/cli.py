@@ -90,6 +90,8 @@ def main(args: list[str] | None = None, run: bool = True) -> NormStudyCLI | None
     """Run the CLI; ``args`` defaults to ``sys.argv[1:]``. Returns the CLI object."""
     # In-memory tensors need no loader workers: Lightning's hint to add some is noise here.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    # Lightning 2.6 with torch >= 2.10 warns about its own pytree use at every run.
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
     try:
         return NormStudyCLI(
             pl.LightningModule,

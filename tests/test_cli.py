@@ -82,3 +82,13 @@ def test_summarize_error_keeps_key_and_innermost_reason():
     line = summarize_error(nested)
     assert line.startswith("model: Problem with given class_path 'x.Y': module 'x' has no attribute 'Y'")
     assert "\n" not in line
+
+
+def test_lightningcli_optimizer_and_scheduler_flags_replace_the_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", *_short_fit_args(tmp_path), "--trainer.fast_dev_run", "1"]
+    cli = main([*args, "--optimizer", "Adam", "--optimizer.lr", "0.001", "--lr_scheduler", "StepLR",
+                "--lr_scheduler.step_size", "5"])  # fmt: skip
+    optimizer = cli.trainer.optimizers[0]
+    assert type(optimizer).__name__ == "Adam" and optimizer.param_groups[0]["lr"] == 0.001
+    assert type(cli.trainer.lr_scheduler_configs[0].scheduler).__name__ == "StepLR"
