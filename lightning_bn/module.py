@@ -108,6 +108,13 @@ class NormStudyModule(pl.LightningModule):
                 "data.batch_size=1 cannot train a model with BatchNorm (batch statistics of one "
                 "sample); use batch_size >= 2 or a norm without batch statistics (none, group, layer)"
             )
+        # Norms with their own rules (ghost_batch: a multiple of its virtual batch) check them
+        # now rather than fail mid-epoch.
+        if isinstance(batch_size, int):
+            for module in self.modules():
+                check = getattr(module, "check_batch_size", None)
+                if module is not self and callable(check):
+                    check(batch_size)
 
     # -- optimization -------------------------------------------------------------------
     def configure_optimizers(self) -> Any:

@@ -13,7 +13,10 @@ warnings.filterwarnings("ignore", ".*litlogger.*|.*litmodels.*")
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread() -> None:
+    # Tests use tiny models: one intra-op thread is faster than two for them, and keeps
+    # timings stable when the machine is shared.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 

@@ -3,7 +3,8 @@
 Known names are the keys of :data:`NORMS`. Importing this package registers them all.
 """
 
-from lightning_bn.norm import batch  # noqa: F401  (registers "batch" and "none")
+# Importing a norm's module registers it: batch/none, ghost_batch, group/layer, lp, noisy_batch.
+from lightning_bn.norm import batch, ghost, group_layer, lp, noisy  # noqa: F401
 from lightning_bn.norm.registry import NORMS, create_norm, register_norm
 
 __all__ = ["NORMS", "create_norm", "register_norm"]

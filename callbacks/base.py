@@ -1,0 +1,312 @@
+"""The base class of every measurement callback: schedule, step capture, logging, safety.
+
+A subclass declares what it needs from the training step and implements :meth:`measure`::
+
+    class GradNormCallback(MeasurementCallback):
+        needs_grads_t = True          # copy g_t in on_before_optimizer_step
+
+        def measure(self, trainer, pl_module, ctx):
+            norm = torch.sqrt(sum((g.double() ** 2).sum() for g in ctx.grads_t.values()))
+            return {"grad/norm": norm}
+
+What the base does for every subclass (see docs/measurement-core.md):
+
+* ``on_train_batch_start``: decides from ``trainer.global_step`` (= ``t``) and the
+  :class:`~callbacks.schedule.Schedule` whether step ``t`` is measured ("should measure
+  now" is separate from "measure"); if so keeps the batch and captures every RNG stream.
+* ``on_before_optimizer_step``: copies ``W_t`` (``needs_params_t``), ``g_t`` = ``p.grad``
+  as training used it, already all-reduced by DDP (``needs_grads_t``), and the learning rates.
+* ``on_train_batch_end`` (live parameters are ``W_{t+1}``): calls :meth:`measure` with a
+  :class:`~callbacks.context.StepContext`, under a guard that restores every RNG stream;
+  writes the returned scalars to every logger at step ``t``. Non-finite values are written
+  as nan/inf with a single warning. In one process an exception inside ``measure`` becomes
+  a :class:`MeasurementWarning` and training continues; under DDP it is re-raised, because a
+  rank that skipped a collective would hang the others.
+* ``state_dict``: the schedule, the last measured step and :meth:`extra_state`, so a resumed
+  run measures at the same steps with the same history.
+
+Noise replay protocol: any submodule with a boolean attribute ``replay_noise`` is a noise
+source. While ``replay_noise`` is True its training-mode forward must reuse the realization
+of its last training forward and must not advance its own state (step counters). Every
+re-evaluation sets it True and restores the previous value; it also replays the torch
+(CPU, CUDA), NumPy and Python RNG state captured at ``on_train_batch_start`` and restores
+the live state afterwards, so modules that draw from torch's RNG (dropout) see the
+randomness of the training step.
+
+Loss protocol: ``pl_module.measurement_loss(batch, batch_idx) -> Tensor`` if defined, else
+``training_step`` (tensor or dict with ``"loss"``) with ``self.log``/``self.log_dict``
+silenced and torchmetrics states restored. Manual optimization needs ``measurement_loss``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from torch import Tensor
+
+from callbacks.context import StepContext
+from callbacks.distributed import is_global_zero, world_size
+from callbacks.guards import measuring
+from callbacks.rng import RNGState, preserved_rng
+from callbacks.schedule import Schedule
+from callbacks.writers import histogram_stats, tensorboard_writer, write_scalars
+
+BNMode = Literal["train", "eval"]
+BN_MODES = ("train", "eval")
+
+
+class MeasurementWarning(UserWarning):
+    """A measurement could not run as asked; training continues. Filter with this class."""
+
+
+class MeasurementCallback(pl.Callback):
+    """Base class: subclasses implement :meth:`measure` and declare what they need.
+
+    Args:
+        every_n_steps: measure every n-th training step (>= 1).
+        start_step: first step that may be measured (>= 0).
+        end_step: last step that may be measured (inclusive), or None.
+        log_points_per_decade: also measure at log-spaced steps, this many per decade.
+        bn_mode: ``"train"`` (batch statistics, as the training step) or ``"eval"``
+            (running statistics; the whole module in eval mode) for re-evaluations.
+    """
+
+    #: copy W_t (every parameter) into ``ctx.params_t`` before the optimizer step
+    needs_params_t: ClassVar[bool] = False
+    #: copy g_t (``p.grad`` as training used it) into ``ctx.grads_t``
+    needs_grads_t: ClassVar[bool] = False
+    #: re-evaluates the loss (needs training_step returning the loss, or measurement_loss)
+    reevaluates_loss: ClassVar[bool] = True
+    #: writes histograms or figures (warn at setup when there is no TensorBoard logger)
+    uses_tensorboard: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        every_n_steps: int,
+        *,
+        start_step: int = 0,
+        end_step: int | None = None,
+        log_points_per_decade: int | None = None,
+        bn_mode: BNMode = "train",
+    ) -> None:
+        super().__init__()
+        self.schedule = Schedule(every_n_steps, start_step, end_step, log_points_per_decade)
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        self.bn_mode: BNMode = bn_mode
+        self.last_measured_step: int | None = None
+        #: the scalars of the last measurement (also handy without any logger)
+        self.last_values: dict[str, float] = {}
+        self._pending: StepContext | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ subclass API --
+    def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Trainer-dependent checks and preparation (resolve layer names, register hooks).
+        Raise ``ValueError`` for anything that cannot work, before training starts."""
+
+    def on_measured_step_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """Called in ``on_train_batch_start`` of a measured step, before ``training_step``
+        (e.g. arm forward hooks that observe the training forward)."""
+
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext
+    ) -> Mapping[str, float | Tensor] | None:
+        """Measure step ``ctx.step``; return the scalars to log (key -> value)."""
+        raise NotImplementedError
+
+    def teardown_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Undo what ``setup_measurement`` did (remove hooks)."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """Subclass state to checkpoint (tensors/plain types)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`extra_state` returned."""
+
+    def state_key_fields(self) -> dict[str, Any]:
+        """Constructor arguments that tell two instances of the callback apart (state_key)."""
+        return {**self.schedule.to_dict(), "bn_mode": self.bn_mode}
+
+    # ------------------------------------------------------------ helpers for subclasses --
+    def warn_once(self, key: str, message: str) -> None:
+        """One ``MeasurementWarning`` per ``key`` per callback instance (on rank 0 only)."""
+        if key not in self._warned:
+            self._warned.add(key)
+            if is_global_zero():
+                warnings.warn(f"{type(self).__name__}: {message}", MeasurementWarning, stacklevel=2)
+
+    def training_sample(self, trainer: pl.Trainer, num_batches: int) -> list[Any]:
+        """The first ``num_batches`` batches of a fresh pass over ``trainer.train_dataloader``,
+        on the device as ``training_step`` receives them; drawn once, then cached.
+
+        A fixed sample of training data for measurements defined on it (sharpness, Hessian).
+        Under DDP every rank gets its own shard (the DistributedSampler), so the reduced value
+        is the value on the global sample. Drawing does not disturb the training RNG or the
+        training iterator. Call it from :meth:`measure` (or later hooks).
+        """
+        cached = getattr(self, "_training_sample", None)
+        if cached is not None and len(cached) >= num_batches:
+            return cached[:num_batches]
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise RuntimeError("trainer.train_dataloader is not available yet; call training_sample from measure()")
+        batches: list[Any] = []
+        with preserved_rng():
+            for batch in loader:
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = trainer.lightning_module._on_before_batch_transfer(batch, dataloader_idx=0)
+                batches.append(trainer.strategy.batch_to_device(batch, dataloader_idx=0))
+                if len(batches) == num_batches:
+                    break
+        if len(batches) < num_batches:
+            self.warn_once("short-sample", f"the training data has only {len(batches)} batches (< {num_batches})")
+        self._training_sample = batches
+        return batches
+
+    def log_histogram(self, trainer: pl.Trainer, tag: str, values: Tensor, step: int, bins: int = 64) -> None:
+        """Histogram of ``values`` over the global batch to TensorBoard at ``step``.
+
+        A collective under DDP: call it on every rank (only rank 0 writes). Does nothing
+        (on every rank) when the trainer has no TensorBoard logger."""
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        stats = histogram_stats(values, bins)
+        if stats is not None and trainer.is_global_zero:
+            writer.add_histogram_raw(tag, global_step=step, **stats)
+
+    def log_figure(self, trainer: pl.Trainer, tag: str, figure: Any, step: int) -> None:
+        """A matplotlib figure to TensorBoard at ``step`` (rank 0 only; closes the figure)."""
+        writer = tensorboard_writer(trainer)
+        if writer is not None and trainer.is_global_zero:
+            writer.add_figure(tag, figure, global_step=step, close=True)
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+
+    # ----------------------------------------------------------------- Lightning hooks --
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self.state_key_fields())
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = type(self).__name__
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"{name} needs accumulate_grad_batches=1 (the step's batch is the measured batch), "
+                f"got {trainer.accumulate_grad_batches}"
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
+            raise ValueError(
+                f"{name} supports single-device and DDP strategies, got {type(strategy).__name__}: "
+                "sharded parameters cannot be set in place"
+            )
+        if self.reevaluates_loss and not pl_module.automatic_optimization:
+            if not callable(getattr(pl_module, "measurement_loss", None)):
+                raise ValueError(
+                    f"{name} re-evaluates the loss; with manual optimization training_step steps the optimizer, "
+                    "so define measurement_loss(self, batch, batch_idx) -> Tensor on the LightningModule"
+                )
+        if self.uses_tensorboard and tensorboard_writer(trainer) is None:
+            self.warn_once(
+                "no-tensorboard", "no TensorBoardLogger: histograms and figures are not written (scalars are)"
+            )
+        if not trainer.loggers:
+            self.warn_once("no-logger", "the trainer has no logger: values are only kept in `last_values`")
+        self.setup_measurement(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._pending = None
+            self.teardown_measurement(trainer, pl_module)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._pending = None
+        step = trainer.global_step
+        if not self.schedule.should_measure(step):
+            return
+        self._pending = StepContext(
+            trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=RNGState.capture()
+        )
+        self.on_measured_step_start(trainer, pl_module, step)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        ctx = self._pending
+        if ctx is None:
+            return
+        with torch.no_grad():
+            if self.needs_params_t:
+                ctx.params_t = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            if self.needs_grads_t:
+                ctx.grads_t = {
+                    n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+                    for n, p in pl_module.named_parameters()
+                    if p.requires_grad
+                }
+        ctx.lrs_t = [float(group["lr"]) for group in optimizer.param_groups]
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        ctx, self._pending = self._pending, None
+        if ctx is None:
+            return
+        if ctx.lrs_t is None:  # same on every rank: the optimizer did not step
+            self.warn_once("no-step", f"the optimizer did not step at step {ctx.step}; nothing measured")
+            return
+        if RNGState.capture().host_same_as(ctx.rng):
+            # The training step drew nothing from NumPy/Python: replaying them is a no-op,
+            # skip it (the measurement boundary below still restores every stream).
+            ctx.rng = ctx.rng.torch_only()
+        values: Mapping[str, float | Tensor] | None = None
+        with preserved_rng(), measuring():
+            try:
+                values = self.measure(trainer, pl_module, ctx)
+            except Exception as err:
+                if world_size() > 1:
+                    raise
+                self.warn_once(
+                    f"error-{type(err).__name__}",
+                    f"measurement at step {ctx.step} failed ({err!r}); training continues",
+                )
+        self.last_measured_step = ctx.step
+        self._write(trainer, values or {}, ctx.step)
+
+    def _write(self, trainer: pl.Trainer, values: Mapping[str, float | Tensor], step: int) -> None:
+        scalars = {k: float(v.detach().double()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
+        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+        if bad:
+            self.warn_once(
+                "non-finite",
+                f"non-finite value(s) at step {step} ({', '.join(bad[:3])}...); logged as nan/inf, "
+                "training continues (warned once)",
+            )
+        self.last_values = scalars
+        write_scalars(trainer, scalars, step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "schedule": self.schedule.to_dict(),
+            "last_measured_step": self.last_measured_step,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_measured_step = state_dict.get("last_measured_step")
+        self.load_extra_state(state_dict.get("extra", {}))

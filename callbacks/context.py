@@ -1,0 +1,254 @@
+"""Evaluate the training loss and its gradient at other parameter values, with no observer effect.
+
+A :class:`StepContext` is what a measurement callback receives for one measured training
+step ``t``: the step's batch, ``W_t`` and ``g_t`` (if the callback asked for them), and
+methods that evaluate ``L(W; x_t, y_t)`` and ``grad L(W; x_t, y_t)`` for any ``W``, on the
+step's batch (default) or on any other batch, reduced over DDP ranks.
+
+How a loss is evaluated (the protocols every callback relies on):
+
+* The loss is ``pl_module.measurement_loss(batch, batch_idx)`` if the module defines it,
+  else ``pl_module.training_step(batch, batch_idx)`` (a tensor or a dict with ``"loss"``),
+  with ``self.log``/``self.log_dict`` silenced and every torchmetrics state restored, so the
+  module's own logging and metrics are unchanged. It runs inside the precision plugin's
+  training context (autocast as in training).
+* Parameters are set by in-place copy under ``no_grad`` and copied back bit for bit.
+* ``bn_mode="train"`` keeps the module modes of the training step (batch statistics);
+  ``"eval"`` puts the whole module in eval mode (running statistics, no dropout or noise).
+  Buffers (running statistics, ``num_batches_tracked``) are restored after every call.
+* Randomness: before every loss call all RNG streams are set to their state at
+  ``on_train_batch_start`` and afterwards set back; every submodule with a boolean
+  ``replay_noise`` attribute gets ``replay_noise = True`` (reuse the last training noise
+  realization, do not advance its own state) and its previous value back afterwards.
+* Gradients come from ``torch.autograd.grad``: ``.grad`` is never touched and DDP's
+  gradient hooks never fire; loss and gradient are averaged over ranks here instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from callbacks.distributed import all_reduce_mean, all_reduce_mean_dict, world_size
+from callbacks.guards import (
+    buffers_isolated,
+    grad_only_for,
+    logging_suppressed,
+    measuring,
+    metrics_preserved,
+    modes_set,
+    noise_replayed,
+    parameters_set_to,
+)
+from callbacks.rng import RNGState, replayed_rng
+
+BNMode = Literal["train", "eval"]
+LossFn = Callable[..., Tensor]
+
+_NO_BATCH = object()
+
+
+@dataclass
+class StepContext:
+    """One measured training step.
+
+    Attributes:
+        trainer, pl_module: the running Trainer and LightningModule (``trainer`` may be None
+            when a context is built by hand, e.g. in tests).
+        step: ``t`` = ``trainer.global_step`` when the batch started.
+        batch, batch_idx: the training batch of step ``t`` as ``training_step`` received it.
+        bn_mode: the callback's BN mode, the default of every evaluation below.
+        rng: all RNG streams as they were at ``on_train_batch_start`` of step ``t``.
+        params_t: ``W_t`` (name -> detached copy, every parameter), if the callback asked.
+        grads_t: ``g_t`` (name -> detached copy, every parameter that requires grad; zeros
+            where ``.grad`` was None), read in ``on_before_optimizer_step`` (after DDP's
+            all-reduce, before clipping and before the optimizer step), if the callback asked.
+        lrs_t: learning rate of every optimizer param group used for the step ``t`` update.
+    Live parameters (``pl_module.parameters()``) are ``W_{t+1}`` when ``measure`` runs.
+    """
+
+    trainer: Any
+    pl_module: Any
+    step: int
+    batch: Any
+    batch_idx: int
+    bn_mode: BNMode = "train"
+    rng: RNGState = field(default_factory=RNGState.capture)
+    params_t: dict[str, Tensor] | None = None
+    grads_t: dict[str, Tensor] | None = None
+    lrs_t: list[float] | None = None
+    _trainable: list[str] | None = field(default=None, repr=False)
+    _param_cache: dict[str, Tensor] | None = field(default=None, repr=False)
+    _module_cache: dict[str, list[Any]] | None = field(default=None, repr=False)
+    _takes_batch_idx: bool | None = field(default=None, repr=False)
+
+    # -- the primitives ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def evaluation(
+        self,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        wrt: Iterable[str] | None = (),
+        bn_mode: BNMode | None = None,
+    ) -> Iterator[LossFn]:
+        """Set the live parameters to ``params`` (names as ``pl_module.named_parameters()``;
+        missing names keep their live value) and yield ``loss_fn(batch=..., batch_idx=...)``.
+
+        ``loss_fn()`` returns the *local* (this rank's) loss on the step's batch, or on the
+        given one, as a scalar tensor whose autograd graph reaches the live parameters named
+        in ``wrt`` (``()``: none, the default; ``None``: every trainable parameter). Use
+        ``self.parameters(names)`` to get those tensors for ``torch.autograd.grad`` (also
+        with ``create_graph=True`` for Hessian-vector products). The graph is only valid
+        inside the ``with`` block; every change is undone on exit. Reduce across ranks
+        yourself (:meth:`reduce_mean`) -- every rank must make the same calls.
+        """
+        mode = self.bn_mode if bn_mode is None else bn_mode
+        module, modules, named = self.pl_module, self._modules(), self._named()
+        names = None if wrt is None else list(wrt)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(measuring())
+            stack.enter_context(parameters_set_to(module, params or {}, named))
+            stack.enter_context(modes_set(module, mode, modules))
+            stack.enter_context(grad_only_for(module, names, named))
+            stack.enter_context(noise_replayed(module, self._modules("noise")))
+            stack.enter_context(logging_suppressed(module))
+            stack.enter_context(torch.enable_grad() if names is None or names else torch.no_grad())
+            yield self._loss_fn
+
+    def _loss_fn(self, batch: Any = _NO_BATCH, batch_idx: int | None = None) -> Tensor:
+        ((batch, batch_idx),) = self._batches(batch, batch_idx, None)
+        module = self.pl_module
+        precision = (
+            self.trainer.precision_plugin.train_step_context() if self.trainer is not None else contextlib.nullcontext()
+        )
+        buffers, metrics = self._modules("buffers"), self._modules("metrics")
+        with replayed_rng(self.rng), buffers_isolated(module, buffers), metrics_preserved(module, metrics), precision:
+            hook = getattr(module, "measurement_loss", None)
+            out = hook(batch, batch_idx) if callable(hook) else self._training_step(batch, batch_idx)
+        return extract_loss(out)
+
+    def _training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self._takes_batch_idx is None:  # as Lightning decides (training_step(batch) is allowed)
+            from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+            self._takes_batch_idx = is_param_in_hook_signature(self.pl_module.training_step, "batch_idx", min_args=2)
+        if self._takes_batch_idx:
+            return self.pl_module.training_step(batch, batch_idx)
+        return self.pl_module.training_step(batch)
+
+    def parameters(self, names: Iterable[str]) -> list[Tensor]:
+        """The live parameter tensors named ``names`` (for ``torch.autograd.grad``)."""
+        params = self._named()
+        return [params[n] for n in names]
+
+    def _named(self) -> dict[str, Tensor]:
+        if self._param_cache is None:
+            self._param_cache = dict(self.pl_module.named_parameters())
+        return self._param_cache
+
+    def _modules(self, kind: str = "all") -> list[Any]:
+        """The module's submodules, and those a guard acts on, listed once per step: looking
+        attributes up on every module for every loss call costs more than a tiny model."""
+        if self._module_cache is None:
+            every = list(self.pl_module.modules())
+            self._module_cache = {
+                "all": every,
+                "buffers": [m for m in every if m._buffers],
+                "metrics": [m for m in every if isinstance(getattr(m, "_defaults", None), dict)],
+                "noise": [m for m in every if isinstance(getattr(m, "replay_noise", None), bool)],
+            }
+        return self._module_cache[kind]
+
+    # -- the common cases --------------------------------------------------------------
+    def loss(
+        self,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        batch: Any = _NO_BATCH,
+        batch_idx: int | None = None,
+        batches: Sequence[Any] | None = None,
+        bn_mode: BNMode | None = None,
+    ) -> Tensor:
+        """``L(params)`` on the step's batch, or on ``batch``, or the mean over ``batches``
+        (e.g. a fixed sample of training data), averaged over ranks, detached."""
+        with self.evaluation(params, wrt=(), bn_mode=bn_mode) as loss_fn:
+            losses = [loss_fn(b, i).detach() for b, i in self._batches(batch, batch_idx, batches)]
+        return all_reduce_mean(torch.stack(losses).mean())
+
+    def loss_and_grad(
+        self,
+        params: Mapping[str, Tensor] | None = None,
+        *,
+        wrt: Iterable[str] | None = None,
+        batch: Any = _NO_BATCH,
+        batch_idx: int | None = None,
+        batches: Sequence[Any] | None = None,
+        bn_mode: BNMode | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``L(params)`` and ``grad L(params)`` w.r.t. the parameters ``wrt`` (default: every
+        trainable one) on the step's batch, ``batch`` or the mean over ``batches``; both
+        averaged over ranks in one collective, detached. Gradients of parameters the loss
+        does not reach are zeros."""
+        names = self.trainable_names() if wrt is None else list(wrt)
+        items = self._batches(batch, batch_idx, batches)
+        with self.evaluation(params, wrt=names, bn_mode=bn_mode) as loss_fn:
+            tensors = self.parameters(names)
+            total = {n: torch.zeros_like(t) for n, t in zip(names, tensors)}
+            loss_sum = torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None)
+            for b, i in items:
+                local = loss_fn(b, i)
+                if local.requires_grad and names:
+                    for n, g in zip(names, torch.autograd.grad(local, tensors, allow_unused=True)):
+                        if g is not None:
+                            total[n] += g
+                loss_sum = loss_sum + local.detach().double()
+            out = {n: g / len(items) for n, g in total.items()}
+            out["\0loss"] = (loss_sum / len(items)).to(local.dtype)
+        reduced = all_reduce_mean_dict(out)
+        return reduced.pop("\0loss"), reduced
+
+    def _batches(self, batch: Any, batch_idx: int | None, batches: Sequence[Any] | None) -> list[tuple[Any, int]]:
+        if batches is None:
+            if batch is _NO_BATCH:
+                return [(self.batch, self.batch_idx if batch_idx is None else batch_idx)]
+            return [(batch, 0 if batch_idx is None else batch_idx)]
+        if batch is not _NO_BATCH:
+            raise ValueError("pass either batch or batches, not both")
+        if not batches:
+            raise ValueError("batches must not be empty")
+        return [(b, i) for i, b in enumerate(batches)]
+
+    def trainable_names(self) -> list[str]:
+        """Names of the parameters that require grad in training (the keys of ``grads_t``)."""
+        if self._trainable is None:
+            self._trainable = [n for n, p in self._named().items() if p.requires_grad]
+        return list(self._trainable)
+
+    @property
+    def world_size(self) -> int:
+        return world_size()
+
+    @staticmethod
+    def reduce_mean(value: Tensor | Mapping[str, Tensor]) -> Tensor | dict[str, Tensor]:
+        """Mean over DDP ranks (identity in one process): the global-batch value of a per-rank
+        mean. A dict is reduced in one collective."""
+        if isinstance(value, Mapping):
+            return all_reduce_mean_dict(value)
+        return all_reduce_mean(value)
+
+
+def extract_loss(out: Any) -> Tensor:
+    """The loss from what ``training_step``/``measurement_loss`` returned (tensor or dict)."""
+    if isinstance(out, Mapping):
+        out = out.get("loss")
+    if not isinstance(out, Tensor) or out.numel() != 1:
+        raise TypeError(
+            "a measurement needs the loss: training_step must return a scalar tensor or a dict with a "
+            f"scalar 'loss' (got {type(out).__name__}); or define measurement_loss(batch, batch_idx)"
+        )
+    return out.reshape(())

@@ -1,0 +1,152 @@
+"""Expensive measurements on a fixed sample of training data, at epoch ends by default.
+
+Sharpness and the Hessian are properties of the loss over a fixed sample at the current
+parameters, not of one training step, and cost tens to hundreds of forward+backward passes.
+:class:`FixedSampleMeasurement` runs them at the end of every ``every_n_epochs``-th epoch and
+at the end of training (skipped if the parameters did not change since the last
+measurement), optionally also on a step schedule. Everything else (restoring every state,
+DDP reduction, writing, never crashing training) is :class:`~callbacks.MeasurementCallback`'s.
+
+Values measured at the end of an epoch are written at step ``trainer.global_step - 1``,
+the step whose update produced the measured parameters (the base's convention: a
+measurement of step ``t`` sees ``W_{t+1}``), so they line up with that step's ``train/loss``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.utilities.data import extract_batch_size
+
+from callbacks.base import BNMode, MeasurementCallback
+from callbacks.context import StepContext
+from callbacks.distributed import world_size
+from callbacks.rng import RNGState
+
+DEFAULT_NUM_SAMPLES = 2048
+
+
+def _check_optional_int(name: str, value: Any, minimum: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
+
+
+class FixedSampleMeasurement(MeasurementCallback):
+    """Base of measurements on a fixed training sample (subclasses implement ``measure``).
+
+    Args:
+        num_samples: size of the fixed sample over all ranks, rounded up to whole batches
+            of the training loader (default: ``default_num_samples``). Drawn once, at the
+            first measurement, as the first batches of a fresh pass over the training data.
+        num_batches: or: the number of training batches per rank (not with ``num_samples``).
+        every_n_epochs: measure at the end of every n-th epoch (None: never).
+        at_train_end: also measure at the end of training (unless the last measurement
+            already saw the final parameters).
+        every_n_steps: also measure after every n-th training step (None: never), with
+            ``start_step``, ``end_step``, ``log_points_per_decade`` as in
+            :class:`~callbacks.Schedule`.
+        bn_mode: ``"eval"`` (running statistics; default) or ``"train"`` (batch statistics
+            of each batch of the sample).
+    """
+
+    default_num_samples = DEFAULT_NUM_SAMPLES
+
+    def __init__(
+        self,
+        *,
+        num_samples: int | None = None,
+        num_batches: int | None = None,
+        every_n_epochs: int | None = 1,
+        at_train_end: bool = True,
+        every_n_steps: int | None = None,
+        start_step: int = 0,
+        end_step: int | None = None,
+        log_points_per_decade: int | None = None,
+        bn_mode: BNMode = "eval",
+    ) -> None:
+        _check_optional_int("every_n_steps", every_n_steps, 1)
+        super().__init__(
+            every_n_steps or 1,
+            start_step=start_step,
+            end_step=end_step,
+            log_points_per_decade=log_points_per_decade,
+            bn_mode=bn_mode,
+        )
+        _check_optional_int("num_samples", num_samples, 1)
+        _check_optional_int("num_batches", num_batches, 1)
+        if num_samples is not None and num_batches is not None:
+            raise ValueError(
+                f"give num_samples or num_batches, not both (got num_samples={num_samples}, num_batches={num_batches})"
+            )
+        _check_optional_int("every_n_epochs", every_n_epochs, 1)
+        if not isinstance(at_train_end, bool):
+            raise ValueError(f"at_train_end must be True or False, got {at_train_end!r}")
+        if every_n_epochs is None and every_n_steps is None and not at_train_end:
+            raise ValueError("every_n_epochs=None, every_n_steps=None, at_train_end=False: nothing would be measured")
+        self.num_samples, self.num_batches = num_samples, num_batches
+        self.every_n_epochs, self.at_train_end, self.every_n_steps = every_n_epochs, at_train_end, every_n_steps
+        self._measured_global_step: int | None = None
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {
+            **super().state_key_fields(),
+            "every_n_steps": self.every_n_steps,
+            "every_n_epochs": self.every_n_epochs,
+            "at_train_end": self.at_train_end,
+            "num_samples": self.num_samples,
+            "num_batches": self.num_batches,
+        }
+
+    # -- the sample ---------------------------------------------------------------------
+    def sample(self, trainer: pl.Trainer) -> list[Any]:
+        """This rank's batches of the fixed training sample (cached after the first call)."""
+        if self.num_batches is not None:
+            return self.training_sample(trainer, self.num_batches)
+        batch_size = extract_batch_size(self.training_sample(trainer, 1)[0])
+        wanted = self.num_samples or self.default_num_samples
+        return self.training_sample(trainer, max(1, math.ceil(wanted / (batch_size * world_size()))))
+
+    # -- when -----------------------------------------------------------------------------
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.every_n_steps is None:
+            self._pending = None
+            return
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is not None:
+            self._measured_global_step = trainer.global_step
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self.measure_now(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.at_train_end:
+            self.measure_now(trainer, pl_module)
+
+    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Measure the live parameters now (once per set of parameters), through the base's
+        guarded measure-and-write path; written at step ``global_step - 1``."""
+        if self._measured_global_step == trainer.global_step:
+            return  # same parameters as the last measurement (identical on every rank)
+        self._measured_global_step = trainer.global_step
+        ctx = StepContext(
+            trainer, pl_module, max(trainer.global_step - 1, 0), None, 0, bn_mode=self.bn_mode, rng=RNGState.capture()
+        )
+        ctx.lrs_t = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        self._pending = ctx
+        MeasurementCallback.on_train_batch_end(self, trainer, pl_module, None, None, 0)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"measured_global_step": self._measured_global_step}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self._measured_global_step = state.get("measured_global_step")

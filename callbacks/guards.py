@@ -1,0 +1,197 @@
+"""Context managers that change one kind of module state for a measurement and restore it exactly.
+
+Each guard snapshots what it changes on entry and puts back the same objects and the same
+bits on exit, also when the body raises. The optional ``modules``/``named`` arguments take
+``list(module.modules())``/``dict(module.named_parameters())`` computed once by the caller
+(a measurement enters the guards many times per step). Together they are the "no observer effect" half of
+the measurement contract; :mod:`callbacks.context` composes them.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+_MEASURING = 0
+
+
+def is_measuring() -> bool:
+    """True while a measurement re-evaluates the model.
+
+    Forward hooks that observe the *training* forward (e.g. ActivationStatsCallback) must
+    return early when this is True, so re-evaluations are not mistaken for training.
+    """
+    return _MEASURING > 0
+
+
+@contextmanager
+def measuring() -> Iterator[None]:
+    global _MEASURING
+    _MEASURING += 1
+    try:
+        yield
+    finally:
+        _MEASURING -= 1
+
+
+@contextmanager
+def parameters_set_to(
+    module: nn.Module, values: Mapping[str, Tensor], named: Mapping[str, Tensor] | None = None
+) -> Iterator[None]:
+    """Copy ``values`` (name -> tensor, names of ``module.named_parameters()``) into the live
+    parameters, in place, and copy the previous bits back on exit.
+
+    In-place copies keep parameter identity, so the optimizer state, DDP's buckets and any
+    module code holding references all see the same objects; only the values change.
+    """
+    params = named if named is not None else dict(module.named_parameters())
+    unknown = [n for n in values if n not in params]
+    if unknown:
+        raise KeyError(f"not parameters of {type(module).__name__}: {unknown[:5]}")
+    saved: dict[str, Tensor] = {}
+    try:
+        with torch.no_grad():
+            for name, value in values.items():
+                p = params[name]
+                if value is p:
+                    continue
+                saved[name] = p.detach().clone()
+                p.copy_(value)
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+
+
+@contextmanager
+def buffers_isolated(module: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Inside, every buffer (BN running statistics, num_batches_tracked, counters) is a fresh
+    copy; on exit the original tensor objects are put back, untouched.
+
+    The originals are never written, so they are bit-identical afterwards and their autograd
+    version counters do not move (BatchNorm saves the running statistics for backward: an
+    in-place restore would invalidate a graph that is still to be differentiated).
+    """
+    saved = []
+    for mod in module.modules() if modules is None else modules:
+        for name, buf in list(mod._buffers.items()):
+            if buf is not None:
+                saved.append((mod, name, buf))
+                mod._buffers[name] = buf.detach().clone()
+    try:
+        yield
+    finally:
+        for mod, name, buf in saved:
+            mod._buffers[name] = buf
+
+
+_METRIC_ATTRS = ("_update_count", "_computed", "_forward_cache", "_is_synced", "_cache")
+
+
+@contextmanager
+def metrics_preserved(module: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Every torchmetrics ``Metric`` inside ``module`` has its accumulated state back on exit.
+
+    Duck-typed on the ``Metric`` layout (``_defaults`` names the states) so that the package
+    does not import torchmetrics for models that do not use it.
+    """
+    saved = []
+    for mod in module.modules() if modules is None else modules:
+        defaults = getattr(mod, "_defaults", None)
+        if not isinstance(defaults, dict) or not hasattr(mod, "_update_count"):
+            continue
+        states = {attr: _clone_state(getattr(mod, attr)) for attr in defaults}
+        extras = {attr: getattr(mod, attr) for attr in _METRIC_ATTRS if hasattr(mod, attr)}
+        saved.append((mod, states, extras))
+    try:
+        yield
+    finally:
+        for mod, states, extras in saved:
+            for attr, value in {**states, **extras}.items():
+                setattr(mod, attr, value)
+
+
+def _clone_state(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for v in value]
+    return copy.deepcopy(value)
+
+
+@contextmanager
+def modes_set(module: nn.Module, bn_mode: str, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """``bn_mode="eval"``: the whole module in eval mode (running statistics, no dropout, no
+    training noise); ``"train"``: modes left exactly as the training step had them.
+    Every module's ``training`` flag is restored individually on exit."""
+    if bn_mode == "train":
+        yield
+        return
+    saved = [(m, m.training) for m in (module.modules() if modules is None else modules)]
+    try:
+        module.eval()
+        yield
+    finally:
+        for m, flag in saved:
+            m.training = flag
+
+
+@contextmanager
+def grad_only_for(
+    module: nn.Module, names: Iterable[str] | None, named: Mapping[str, Tensor] | None = None
+) -> Iterator[None]:
+    """Only the parameters in ``names`` require grad (all trainable ones if None), so autograd
+    records and back-propagates only what the requested gradient needs."""
+    params = named if named is not None else dict(module.named_parameters())
+    saved = {n: p.requires_grad for n, p in params.items()}
+    wanted = {n for n, flag in saved.items() if flag} if names is None else set(names)
+    try:
+        for n, p in params.items():
+            p.requires_grad_(n in wanted)
+        yield
+    finally:
+        for n, p in params.items():
+            p.requires_grad_(saved[n])
+
+
+@contextmanager
+def noise_replayed(module: nn.Module, modules: Iterable[nn.Module] | None = None) -> Iterator[None]:
+    """Set ``replay_noise = True`` on every noise source (a submodule with a boolean
+    ``replay_noise`` attribute): its training forward reuses its last realization and does
+    not advance its own state. The previous values come back on exit."""
+    candidates = module.modules() if modules is None else modules
+    saved = [(m, m.replay_noise) for m in candidates if isinstance(getattr(m, "replay_noise", None), bool)]
+    try:
+        for m, _ in saved:
+            m.replay_noise = True
+        yield
+    finally:
+        for m, flag in saved:
+            m.replay_noise = flag
+
+
+def _no_log(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def logging_suppressed(pl_module: nn.Module) -> Iterator[None]:
+    """``self.log`` / ``self.log_dict`` of the LightningModule do nothing inside, so a
+    re-evaluated ``training_step`` logs nothing twice (and runs no ``sync_dist`` collective)."""
+    saved = {name: pl_module.__dict__[name] for name in ("log", "log_dict") if name in pl_module.__dict__}
+    try:
+        pl_module.__dict__["log"] = _no_log
+        pl_module.__dict__["log_dict"] = _no_log
+        yield
+    finally:
+        for name in ("log", "log_dict"):
+            if name in saved:
+                pl_module.__dict__[name] = saved[name]
+            else:
+                pl_module.__dict__.pop(name, None)

@@ -1,0 +1,194 @@
+"""Top eigenvalues and trace of the Hessian of the training loss (peer: PyHessian).
+
+H = d^2 f / dW^2 at the current parameters W (every trainable parameter), f the training
+loss over a fixed sample of training data, BN in eval mode by default. Hessian-vector
+products by double backward (:mod:`callbacks.hvp`), never the Hessian itself:
+
+- top-k eigenvalues (largest first) by Lanczos (default) or PyHessian's deflated power
+  iteration (largest *magnitude*), at most ``max_iter`` products, relative tolerance ``tol``;
+- trace by Hutchinson's estimator with Rademacher vectors, PyHessian's stopping rule;
+- optionally per layer (module owning parameters): the trace of its diagonal block (free:
+  the same products) and the top eigenvalue of its diagonal block (one Lanczos per layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from callbacks.base import BNMode
+from callbacks.context import StepContext
+from callbacks.distributed import all_reduce_mean
+from callbacks.fixed_sample import FixedSampleMeasurement
+from callbacks.hessian_math import block_matvec, hutchinson_trace, lanczos, power_iteration
+from callbacks.hvp import HessianVectorProduct
+
+Method = Literal["lanczos", "power"]
+METHODS = ("lanczos", "power")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def layer_of(param_name: str) -> str:
+    """The module that owns a parameter: ``features.0.weight`` -> ``features.0``."""
+    return param_name.rsplit(".", 1)[0] if "." in param_name else param_name
+
+
+class HessianCallback(FixedSampleMeasurement):
+    """Log the top Hessian eigenvalue(s) and the Hessian trace (module docstring).
+
+    Args:
+        top_k: number of top eigenvalues (0: none).
+        trace: estimate the trace.
+        max_iter: at most this many Hessian-vector products per eigenvalue computation
+            (Lanczos: in total; power: per eigenvalue) and for the trace (PyHessian: 100).
+        tol: relative tolerance of both stopping rules (PyHessian: 1e-3).
+        method: ``"lanczos"`` (the k largest eigenvalues) or ``"power"`` (PyHessian's power
+            iteration with deflation: the k of largest magnitude).
+        per_layer: also log each layer's diagonal-block trace and top eigenvalue.
+        cache_graph: keep the gradient graph of the sample for all products (one backward
+            per product instead of a forward and two backwards; memory: the double-backward
+            graph of the whole sample). Turn off for samples that do not fit.
+        num_samples, num_batches: the fixed training sample (default 256 samples, as
+            PyHessian's examples use one batch of ~200).
+        bn_mode: ``"eval"`` (default; running statistics, what PyHessian forces) or ``"train"``.
+        seed: seed of the random start and probe vectors (a private generator: the training
+            RNG streams are never touched).
+        every_n_epochs, at_train_end, every_n_steps, start_step, end_step,
+            log_points_per_decade: when to measure (default: end of every epoch and of training).
+
+    Logged: ``hessian/top_eigenvalue``; with ``top_k > 1`` also ``hessian/eigenvalue_<i>``,
+    i = 1..k; ``hessian/trace`` and ``hessian/trace_stderr`` (standard error of the
+    Hutchinson mean); ``hessian/num_hvps`` (products used); per layer
+    ``hessian/<layer>/trace`` and ``hessian/<layer>/top_eigenvalue``.
+
+    Cost per measurement: one forward+backward over the sample (with ``create_graph``),
+    then one backward through that graph per product (~1.5 forward+backward passes each,
+    measured), at most ``max_iter`` products for the eigenvalues (``top_k * max_iter`` for
+    ``power``), as many for the trace, and ``max_iter`` per layer with ``per_layer``.
+    """
+
+    default_num_samples = 256
+
+    def __init__(
+        self,
+        top_k: int = 1,
+        trace: bool = True,
+        max_iter: int = 100,
+        tol: float = 1e-3,
+        *,
+        method: Method = "lanczos",
+        per_layer: bool = False,
+        cache_graph: bool = True,
+        num_samples: int | None = None,
+        num_batches: int | None = None,
+        bn_mode: BNMode = "eval",
+        seed: int = 0,
+        every_n_epochs: int | None = 1,
+        at_train_end: bool = True,
+        every_n_steps: int | None = None,
+        start_step: int = 0,
+        end_step: int | None = None,
+        log_points_per_decade: int | None = None,
+    ) -> None:
+        super().__init__(
+            num_samples=num_samples,
+            num_batches=num_batches,
+            every_n_epochs=every_n_epochs,
+            at_train_end=at_train_end,
+            every_n_steps=every_n_steps,
+            start_step=start_step,
+            end_step=end_step,
+            log_points_per_decade=log_points_per_decade,
+            bn_mode=bn_mode,
+        )
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+        for name, flag in (("trace", trace), ("per_layer", per_layer), ("cache_graph", cache_graph)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}")
+        if top_k == 0 and not trace:
+            raise ValueError("top_k=0 and trace=False: nothing to measure")
+        _positive_int("max_iter", max_iter)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.top_k, self.trace, self.max_iter, self.tol = top_k, trace, max_iter, float(tol)
+        self.method, self.per_layer, self.cache_graph, self.seed = method, per_layer, cache_graph, seed
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "top_k": self.top_k, "trace": self.trace, "per_layer": self.per_layer}
+
+    def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if self.top_k > n:
+            raise ValueError(f"top_k={self.top_k} exceeds the {n} trainable parameters of the model")
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:
+        sample = self.sample(trainer)
+        names = ctx.trainable_names()
+        values: dict[str, Tensor] = {}
+        with ctx.evaluation(wrt=names) as loss_fn:
+            closures = [lambda b=b, i=i: loss_fn(b, i) for i, b in enumerate(sample)]
+            local = HessianVectorProduct(closures, ctx.parameters(names), cache_graph=self.cache_graph)
+            products = [0]
+
+            def hvp(v: Tensor) -> Tensor:
+                products[0] += 1
+                return all_reduce_mean(local(v))  # the Hessian of the global sample (equal shards)
+
+            like = local.grad
+            generator = torch.Generator().manual_seed(self.seed)
+            if self.top_k:
+                eigen = self._eigenvalues(hvp, like, self.top_k, generator)
+                values["hessian/top_eigenvalue"] = eigen[0]
+                if self.top_k > 1:
+                    values.update({f"hessian/eigenvalue_{i + 1}": e for i, e in enumerate(eigen)})
+            blocks = self._blocks(names, ctx.parameters(names))
+            if self.trace:
+                sizes = [stop - start for start, stop in blocks.values()]
+                result = hutchinson_trace(hvp, like, self.max_iter, self.tol, generator, block_sizes=sizes)
+                values["hessian/trace"] = torch.tensor(result.trace, dtype=torch.float64)
+                values["hessian/trace_stderr"] = torch.tensor(result.stderr, dtype=torch.float64)
+                if self.per_layer:
+                    for layer, block_trace in zip(blocks, result.block_traces):
+                        values[f"hessian/{layer}/trace"] = torch.tensor(block_trace, dtype=torch.float64)
+            if self.per_layer:
+                for layer, (start, stop) in blocks.items():
+                    block = block_matvec(hvp, like, start, stop)
+                    top = self._eigenvalues(block, like[start:stop], 1, generator)[0]
+                    values[f"hessian/{layer}/top_eigenvalue"] = top
+            local.release()
+        values["hessian/num_hvps"] = torch.tensor(float(products[0]), dtype=torch.float64)
+        return values
+
+    def _eigenvalues(self, matvec, like: Tensor, k: int, generator: torch.Generator) -> list[Tensor]:
+        solver = lanczos if self.method == "lanczos" else power_iteration
+        result = solver(matvec, like, k=k, max_iter=max(self.max_iter, k), tol=self.tol, generator=generator)
+        if not result.converged:
+            message = f"eigenvalues did not converge to tol={self.tol} in {self.max_iter} products"
+            self.warn_once("not-converged", message)
+        return [v.double() for v in result.eigenvalues]
+
+    @staticmethod
+    def _blocks(names: list[str], params: list[Tensor]) -> dict[str, tuple[int, int]]:
+        """Coordinate range [start, stop) of each layer in the flat parameter vector."""
+        blocks: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, p in zip(names, params):
+            layer = layer_of(name)
+            start = blocks[layer][0] if layer in blocks and blocks[layer][1] == offset else offset
+            if layer in blocks and blocks[layer][1] != offset:
+                layer = name  # not contiguous with its module's other parameters: its own block
+            blocks[layer] = (start, offset + p.numel())
+            offset += p.numel()
+        return blocks

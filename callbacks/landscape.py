@@ -1,0 +1,249 @@
+"""LandscapeCallback: loss landscape, gradient predictiveness and effective beta-smoothness along
+the gradient (Santurkar, Tsipras, Ilyas & Madry 2018, Sec. 3 and Fig. 4).
+
+At a measured step t, with W_t the parameters, g_t = grad L(W_t; x_t, y_t) the gradient
+training used and W(eta) = W_t - eta g_t for every step size eta of a grid, on the step's
+batch (x_t, y_t):
+
+* ``landscape/loss_min``, ``landscape/loss_max``: min and max over eta of L(W(eta))
+  ("variation in loss", Fig. 4a);
+* ``landscape/grad_diff_min``, ``landscape/grad_diff_max``: min and max over eta of
+  ||grad L(W(eta)) - g_t||_2 ("gradient predictiveness", Fig. 4b);
+* ``landscape/beta_smoothness``: max over eta of ||grad L(W(eta)) - g_t||_2 / ||eta g_t||_2
+  ("effective beta-smoothness", Fig. 4c);
+* ``landscape/grad_norm``: ||g_t||_2. Both bands scale with it: at one learning rate a network
+  with a larger gradient moves further, so compare bands only together with this value.
+* with ``log_each_step_size=True`` also ``landscape/loss/<eta>`` and ``landscape/grad_diff/<eta>``
+  for every eta, ``<eta>`` = ``lr_x<multiplier>`` (e.g. ``lr_x0.5``) or ``eta_<value>``.
+
+Cost per measurement: exactly len(grid) forward+backward passes of the step's batch (8 by
+default). Memory: the core's copies of W_t and g_t, plus one moved copy of the parameters
+(``method="loop"``) or ``chunk_size`` copies and activations (``method="batched"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from callbacks.base import BNMode, MeasurementCallback
+from callbacks.context import StepContext
+from callbacks.landscape_math import (
+    DEFAULT_LR_MULTIPLIERS,
+    SUMMARY_KEYS,
+    check_positive_values,
+    evaluate_along_gradient,
+    summarize,
+)
+from callbacks.landscape_plot import plot_landscape
+from callbacks.writers import tensorboard_writer
+
+PREFIX = "landscape/"
+Method = Literal["loop", "batched"]
+
+
+class LandscapeCallback(MeasurementCallback):
+    """Santurkar et al. (2018) Fig. 4 measurements for any LightningModule.
+
+    Cost per measurement: len(grid) forward+backward passes of the step's batch (8 by
+    default), whichever ``method``; memory: one moved parameter copy (``loop``).
+
+    Args:
+        every_n_steps: measure every n-th training step.
+        step_sizes: absolute step sizes eta; if None, ``lr_multipliers`` x the learning rate
+            the optimizer used for the measured step.
+        lr_multipliers: multipliers of the current learning rate (default: 8 values evenly
+            spaced over [0.5, 4], the paper's [0.05, 0.4] at lr 0.1).
+        bn_mode: ``"train"`` (batch statistics, as the training step sees the loss; running
+            statistics untouched) or ``"eval"`` (running statistics).
+        method: ``"loop"`` (one eta per forward+backward; the default, faster for conv nets
+            on CPU, see benchmarks/landscape_batched_vs_loop.py) or ``"batched"`` (vmap over
+            ``chunk_size`` etas at once; faster for small MLPs). If vmap cannot trace the
+            module's loss (``.item()`` or data-dependent control flow in ``training_step`` or
+            the model; define ``measurement_loss`` without them), ``batched`` falls back to
+            ``loop`` with one warning.
+        chunk_size: etas per vmap call for ``batched`` (None: all).
+        figure_every_n_steps: redraw the Fig. 4 figure (tag ``landscape/figure``, TensorBoard)
+            at the first measurement at least this many steps after the last one, and at the
+            end of training; None: no figure.
+        log_each_step_size: also log the loss and gradient difference at every eta.
+        start_step, end_step, log_points_per_decade: the schedule (see ``Schedule``).
+    """
+
+    needs_params_t = True
+    needs_grads_t = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        step_sizes: list[float] | None = None,
+        lr_multipliers: list[float] = list(DEFAULT_LR_MULTIPLIERS),  # noqa: B006 (read-only, shown by the CLI)
+        bn_mode: BNMode = "train",
+        *,
+        method: Method = "loop",
+        chunk_size: int | None = None,
+        figure_every_n_steps: int | None = 500,
+        log_each_step_size: bool = False,
+        start_step: int = 0,
+        end_step: int | None = None,
+        log_points_per_decade: int | None = None,
+    ) -> None:
+        super().__init__(
+            every_n_steps,
+            start_step=start_step,
+            end_step=end_step,
+            log_points_per_decade=log_points_per_decade,
+            bn_mode=bn_mode,
+        )
+        self.step_sizes = None if step_sizes is None else check_positive_values("step_sizes", step_sizes)
+        self.lr_multipliers = check_positive_values("lr_multipliers", lr_multipliers)
+        if method not in ("loop", "batched"):
+            raise ValueError(f"method must be 'loop' or 'batched', got {method!r}")
+        if chunk_size is not None and (
+            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+        ):
+            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+        if figure_every_n_steps is not None and (
+            isinstance(figure_every_n_steps, bool)
+            or not isinstance(figure_every_n_steps, int)
+            or figure_every_n_steps < 1
+        ):
+            raise ValueError(f"figure_every_n_steps must be None or an integer >= 1, got {figure_every_n_steps!r}")
+        self.method: Method = method
+        self.chunk_size = chunk_size
+        self.figure_every_n_steps = figure_every_n_steps
+        self.log_each_step_size = log_each_step_size
+        self.uses_tensorboard = figure_every_n_steps is not None
+        #: summary key (no prefix) -> (steps, values) of every measurement, for the figure
+        self.history: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in SUMMARY_KEYS}
+        self._last_figure_step: int | None = None
+        self._method_in_use: Method = method
+
+    def state_key_fields(self) -> dict[str, Any]:
+        return {**super().state_key_fields(), "step_sizes": self.step_sizes, "lr_multipliers": self.lr_multipliers}
+
+    # -- checks before training ------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.step_sizes is None:
+            for optimizer in trainer.optimizers:
+                _single_lr([float(group["lr"]) for group in optimizer.param_groups])
+
+    # -- the measurement -----------------------------------------------------------------
+    def step_size_grid(self, lrs: Sequence[float]) -> tuple[float, ...]:
+        """The etas of a step trained with learning rates ``lrs`` (one per param group)."""
+        if self.step_sizes is not None:
+            return self.step_sizes
+        lr = _single_lr(lrs)
+        return tuple(lr * m for m in self.lr_multipliers)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:
+        etas = self.step_size_grid(ctx.lrs_t or [])
+        params_t, grads_t = ctx.params_t or {}, ctx.grads_t or {}
+        moved = {n: params_t[n] for n in grads_t}
+        frozen = {n: p for n, p in params_t.items() if n not in grads_t}  # W_t for what g_t does not move
+        buffers = dict(pl_module.named_buffers()) if self._method_in_use == "batched" else {}
+        with ctx.evaluation(frozen or None, wrt=None) as core_loss:
+            wrapper = _Reparametrized(pl_module, core_loss)
+
+            def loss_fn(params: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
+                # functional_call swaps W(eta) (and, for vmap, per-eta buffer copies) into
+                # pl_module while the core evaluates its loss on the step's batch.
+                tensors = {f"module.{n}": t for n, t in {**params, **bufs}.items()}
+                return functional_call(wrapper, tensors, ())
+
+            result = self._evaluate(loss_fn, moved, grads_t, etas, buffers, ctx)
+        values = {PREFIX + k: torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
+        if self.log_each_step_size:
+            for i, eta in enumerate(etas):
+                label = f"eta_{eta:g}" if self.step_sizes is not None else f"lr_x{self.lr_multipliers[i]:g}"
+                values[f"{PREFIX}loss/{label}"] = result.losses[i]
+                values[f"{PREFIX}grad_diff/{label}"] = result.grad_diff_norms[i]
+        self._record(trainer, ctx.step, values)
+        return values
+
+    def _evaluate(self, loss_fn, moved, grads_t, etas, buffers, ctx):
+        kwargs = {"reduce": ctx.reduce_mean}
+        if self._method_in_use == "batched":
+            try:
+                return evaluate_along_gradient(
+                    loss_fn, moved, grads_t, etas, buffers, method="batched", chunk_size=self.chunk_size, **kwargs
+                )
+            except Exception as err:  # vmap cannot trace this module's loss: same numbers, sequentially
+                self._method_in_use = "loop"
+                self.warn_once(
+                    "vmap",
+                    f"method='batched' failed ({type(err).__name__}: {str(err)[:200]}); using method='loop'. "
+                    "vmap cannot trace .item() or data-dependent control flow in the loss; a "
+                    "measurement_loss(batch, batch_idx) without them lets method='batched' run.",
+                )
+        return evaluate_along_gradient(loss_fn, moved, grads_t, etas, method="loop", **kwargs)
+
+    # -- figure ----------------------------------------------------------------------------
+    def _record(self, trainer: pl.Trainer, step: int, values: Mapping[str, Tensor]) -> None:
+        for key in SUMMARY_KEYS:
+            steps, vals = self.history[key]
+            steps.append(step)
+            vals.append(float(values[PREFIX + key]))
+        due = self._last_figure_step is None or step - self._last_figure_step >= (self.figure_every_n_steps or 0)
+        if self.figure_every_n_steps is not None and due:
+            self._draw(trainer, step)
+
+    def _draw(self, trainer: pl.Trainer, step: int) -> None:
+        self._last_figure_step = step
+        # Only rank 0 writes, and only to TensorBoard: skip drawing where it would be thrown away.
+        if trainer is None or not trainer.is_global_zero or tensorboard_writer(trainer) is None:
+            return
+        label = type(trainer.lightning_module).__name__
+        self.log_figure(trainer, PREFIX + "figure", plot_landscape({label: self.history}), step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        last = self.history["loss_min"][0][-1] if self.history["loss_min"][0] else None
+        if self.figure_every_n_steps is not None and last is not None and last != self._last_figure_step:
+            self._draw(trainer, last)
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def extra_state(self) -> dict[str, Any]:
+        return {
+            "history": {k: (list(s), list(v)) for k, (s, v) in self.history.items()},
+            "figure": self._last_figure_step,
+        }
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        history = state.get("history", {})
+        self.history = {
+            k: (list(history[k][0]), list(history[k][1])) if k in history else ([], []) for k in SUMMARY_KEYS
+        }
+        self._last_figure_step = state.get("figure")
+
+
+class _Reparametrized(nn.Module):
+    """``functional_call`` target: holds the LightningModule as ``module`` so its parameters and
+    buffers can be swapped, and returns the core's loss (training_step or measurement_loss)."""
+
+    def __init__(self, module: nn.Module, loss: Any) -> None:
+        super().__init__()
+        self.module = module
+        self._loss = loss
+
+    def forward(self) -> Tensor:
+        return self._loss()
+
+
+def _single_lr(lrs: Sequence[float]) -> float:
+    if not lrs:
+        raise ValueError("LandscapeCallback: no learning rate was recorded for this step; pass step_sizes")
+    if any(lr != lrs[0] for lr in lrs):
+        raise ValueError(
+            f"LandscapeCallback: lr_multipliers need one learning rate, but the param groups use {sorted(set(lrs))}; "
+            "pass absolute step_sizes instead"
+        )
+    if lrs[0] <= 0:
+        raise ValueError(
+            f"LandscapeCallback: the learning rate is {lrs[0]}; lr_multipliers need lr > 0, pass step_sizes"
+        )
+    return lrs[0]

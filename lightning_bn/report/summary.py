@@ -1,0 +1,130 @@
+"""The numbers of the report's tables: one row per run, one column per measured quantity.
+
+Accuracies and losses are the *final* logged values (the end of training; ``best val acc``
+is the maximum over validation epochs). Landscape, ICS and activation-drift columns are
+*means over all measured steps* (over layers too for ICS and drift), as the papers compare
+these along training. Sharpness and Hessian columns are *final* values: Keskar's metric and
+the Hessian spectrum characterize the minimizer training ends in.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from lightning_bn.report.events import RunEvents
+
+ACCURACY = "Accuracy and loss (final values; best: maximum over validation epochs)"
+LANDSCAPE = "Loss landscape (means over the measured steps)"
+SHIFT = "Internal covariate shift and activation drift (means over the measured steps and layers)"
+FINAL = "Sharpness and Hessian (final values)"
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    value: Callable[[RunEvents], float | None]
+    percent: bool = False  # accuracies: shown as %
+    group: str = ACCURACY  # one table per group keeps the report readable
+
+
+def _final(tag: str) -> Callable[[RunEvents], float | None]:
+    return lambda ev: ev.scalars[tag].final if tag in ev.scalars else None
+
+
+def _best(tag: str) -> Callable[[RunEvents], float | None]:
+    return lambda ev: float(np.nanmax(ev.scalars[tag].values)) if tag in ev.scalars else None
+
+
+def _mean(tag: str) -> Callable[[RunEvents], float | None]:
+    return lambda ev: ev.scalars[tag].mean if tag in ev.scalars else None
+
+
+def _mean_band(low: str, high: str) -> Callable[[RunEvents], float | None]:
+    def value(ev: RunEvents) -> float | None:
+        if low not in ev.scalars or high not in ev.scalars:
+            return None
+        lo, hi = ev.scalars[low], ev.scalars[high]
+        steps, i, j = np.intersect1d(lo.steps, hi.steps, return_indices=True)
+        width = hi.values[j] - lo.values[i]
+        width = width[np.isfinite(width)]
+        return float(width.mean()) if width.size else float("nan")
+
+    return value
+
+
+def _mean_over_layers(pattern: str) -> Callable[[RunEvents], float | None]:
+    regex = re.compile(pattern)
+
+    def value(ev: RunEvents) -> float | None:
+        means = [ev.scalars[t].mean for t in ev.scalars if regex.fullmatch(t)]
+        means = [m for m in means if math.isfinite(m)]
+        return float(np.mean(means)) if means else None
+
+    return value
+
+
+FIXED_COLUMNS = (
+    Column("train loss", _final("train/loss")),
+    Column("train acc", _final("train/acc"), percent=True),
+    Column("val acc", _final("val/acc"), percent=True),
+    Column("best val acc", _best("val/acc"), percent=True),
+    Column("test acc", _final("test/acc"), percent=True),
+    Column("loss range", _mean_band("landscape/loss_min", "landscape/loss_max"), group=LANDSCAPE),
+    Column("grad. predictiveness (max)", _mean("landscape/grad_diff_max"), group=LANDSCAPE),
+    Column("β-smoothness", _mean("landscape/beta_smoothness"), group=LANDSCAPE),
+    Column("‖g‖", _mean("landscape/grad_norm"), group=LANDSCAPE),
+    Column("ICS ℓ2", _mean_over_layers(r"ics/.+/l2_diff"), group=SHIFT),
+    Column("ICS cosine", _mean_over_layers(r"ics/.+/cosine"), group=SHIFT),
+    Column("act. mean drift", _mean_over_layers(r"activations/.+/mean_drift"), group=SHIFT),
+    Column("act. std drift", _mean_over_layers(r"activations/.+/std_drift"), group=SHIFT),
+)
+# The headline value of each sharpness / Hessian measurement (not its diagnostics or per-layer parts).
+FINAL_TAGS = re.compile(r"sharpness/keskar_eps[^_/]+(_sub\d+)?|hessian/(top_eigenvalue|trace)")
+
+
+def pretty(tag: str) -> str:
+    """A readable name for a measurement tag (``sharpness/keskar_eps0.001`` -> Keskar sharpness, eps = 0.001)."""
+    match = re.fullmatch(r"sharpness/keskar_eps([^_]+)(?:_sub(\d+))?", tag)
+    if match:
+        space = f", random {match.group(2)}-dim subspace" if match.group(2) else ""
+        return f"Keskar sharpness (ε = {match.group(1)}{space})"
+    match = re.fullmatch(r"hessian/eigenvalue_(\d+)", tag)
+    if match:
+        return f"Hessian eigenvalue #{match.group(1)}"
+    return {"hessian/top_eigenvalue": "top Hessian eigenvalue", "hessian/trace": "Hessian trace"}.get(tag, tag)
+
+
+def final_tags(events: list[RunEvents]) -> list[str]:
+    return list(dict.fromkeys(t for ev in events for t in ev.scalars if FINAL_TAGS.fullmatch(t)))
+
+
+def columns_for(events: list[RunEvents]) -> list[Column]:
+    """The columns that at least one run has data for; a final-value column per sharpness/Hessian tag."""
+    columns = [c for c in FIXED_COLUMNS if any(c.value(ev) is not None for ev in events)]
+    return columns + [Column(pretty(t), _final(t), group=FINAL) for t in final_tags(events)]
+
+
+def format_number(value: float | None, percent: bool = False) -> str:
+    if value is None:
+        return "–"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{100 * value:.1f}%" if percent else f"{value:.4g}"
+
+
+def format_mean_std(values: list[float], percent: bool = False) -> str:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return format_number(values[0] if values else None, percent)
+    mean = float(np.mean(finite))
+    if len(finite) == 1:
+        return format_number(mean, percent)
+    std = float(np.std(finite, ddof=1))
+    if percent:
+        return f"{100 * mean:.1f} ± {100 * std:.1f}%"
+    return f"{mean:.4g} ± {std:.2g}"

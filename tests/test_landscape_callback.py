@@ -1,0 +1,323 @@
+"""LandscapeCallback in real fits: every logged value against brute force on copied models."""
+
+from __future__ import annotations
+
+import copy
+import csv
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from callbacks import LandscapeCallback, MeasurementWarning
+from callbacks.landscape_math import SUMMARY_KEYS
+from tests._tiny_modules import RecordingLogger, TinyClassifier, classification_loader, make_trainer
+
+pytestmark = pytest.mark.filterwarnings("error::callbacks.MeasurementWarning")
+KEYS = {f"landscape/{k}" for k in SUMMARY_KEYS}
+
+
+class Recorder(pl.Callback):
+    """Records what a brute-force reference needs at every step: the batch, the RNG at batch
+    start, W_t and g_t (before the optimizer step), and a copy of the network at batch end
+    (its buffers and noise realization are those the measurement sees)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict[str, Any]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps[trainer.global_step] = {"batch": batch, "rng": torch.get_rng_state()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        rec = self.steps[trainer.global_step]
+        rec["params"] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        rec["grads"] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+        rec["lr"] = optimizer.param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps[trainer.global_step - 1]["net"] = copy.deepcopy(pl_module.net)
+
+
+def brute_force(rec: dict[str, Any], etas: list[float], bn_mode: str) -> tuple[list[float], list[float]]:
+    """L(W_t - eta g_t) and ||grad L(W_t - eta g_t) - g_t|| with one deep copy per eta."""
+    x, y = rec["batch"]
+    losses, diffs = [], []
+    for eta in etas:
+        net = copy.deepcopy(rec["net"]).train(bn_mode == "train")
+        for m in net.modules():
+            if hasattr(m, "replay_noise"):
+                m.replay_noise = True
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                p.copy_(rec["params"]["net." + n] - eta * rec["grads"]["net." + n])
+        torch.set_rng_state(rec["rng"])
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        diff = torch.cat([(p.grad - rec["grads"]["net." + n]).flatten() for n, p in net.named_parameters()])
+        losses.append(loss.item())
+        diffs.append(diff.norm().item())
+    return losses, diffs
+
+
+CASES = [
+    # norm, dropout, bn_mode, method
+    ("batch", 0.3, "train", "loop"),
+    ("batch", 0.3, "train", "batched"),
+    ("noisy", 0.0, "train", "loop"),
+    ("batch", 0.0, "eval", "batched"),
+]
+
+
+@pytest.mark.parametrize(("norm", "dropout", "bn_mode", "method"), CASES)
+def test_every_logged_value_matches_brute_force_on_copies(norm, dropout, bn_mode, method):
+    torch.manual_seed(0)
+    model = TinyClassifier(norm=norm, dropout=dropout, lr=0.2)
+    recorder, logger = Recorder(), RecordingLogger()
+    cb = LandscapeCallback(
+        every_n_steps=2,
+        bn_mode=bn_mode,
+        method=method,
+        chunk_size=3,
+        figure_every_n_steps=None,
+        log_each_step_size=True,
+    )
+    make_trainer(5, [recorder, cb], logger).fit(model, classification_loader())
+    measured = sorted(logger.values("landscape/loss_min"))
+    assert measured == [0, 2, 4]
+    multipliers = [0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    for step in measured:
+        rec = recorder.steps[step]
+        etas = [m * rec["lr"] for m in multipliers]
+        losses, diffs = brute_force(rec, etas, bn_mode)
+        g_norm = torch.cat([g.flatten() for g in rec["grads"].values()]).norm().item()
+        expected = {
+            "loss_min": min(losses),
+            "loss_max": max(losses),
+            "grad_diff_min": min(diffs),
+            "grad_diff_max": max(diffs),
+            "beta_smoothness": max(d / (eta * g_norm) for d, eta in zip(diffs, etas)),
+            "grad_norm": g_norm,
+        }
+        for m, loss, diff in zip(multipliers, losses, diffs):
+            expected[f"loss/lr_x{m:g}"] = loss
+            expected[f"grad_diff/lr_x{m:g}"] = diff
+        logged = {k: v for s, metrics in logger.records if s == step for k, v in metrics.items()}
+        assert set(logged) >= {f"landscape/{k}" for k in expected}
+        for key, value in expected.items():
+            assert logged[f"landscape/{key}"] == pytest.approx(value, rel=2e-5, abs=1e-6), (step, key)
+
+
+class Quadratic(pl.LightningModule):
+    """L(x) = 0.5 x^T H x (the batch is ignored): grad L(x - eta g) - g = -eta H g."""
+
+    def __init__(self, h: torch.Tensor, x0: torch.Tensor, lr: float) -> None:
+        super().__init__()
+        self.register_buffer("h", h)
+        self.x = nn.Parameter(x0.clone())
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return 0.5 * self.x @ self.h @ self.x
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_quadratic_closed_form_through_the_trainer(method):
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    h = (a + a.T) / 2 + 2 * torch.eye(5, dtype=torch.float64)  # symmetric, known
+    x = torch.randn(5, generator=gen, dtype=torch.float64)
+    lr, steps = 0.05, 4
+    logger = RecordingLogger()
+    cb = LandscapeCallback(every_n_steps=1, step_sizes=[0.01, 0.1, 0.3], method=method, figure_every_n_steps=None)
+    data = DataLoader(TensorDataset(torch.zeros(steps, 1)), batch_size=1)
+    make_trainer(steps, [cb], logger).fit(Quadratic(h, x, lr), data)
+    etas = torch.tensor([0.01, 0.1, 0.3], dtype=torch.float64)
+    for t in range(steps):
+        g = h @ x
+        hg = torch.linalg.vector_norm(h @ g)
+        losses = 0.5 * x @ h @ x - etas * (g @ g) + 0.5 * etas**2 * (g @ h @ g)
+        expected = {
+            "beta_smoothness": hg / torch.linalg.vector_norm(g),
+            "grad_norm": torch.linalg.vector_norm(g),
+            "grad_diff_min": etas[0] * hg,
+            "grad_diff_max": etas[-1] * hg,
+            "loss_min": losses.min(),
+            "loss_max": losses.max(),
+        }
+        for key, value in expected.items():
+            assert logger.values(f"landscape/{key}")[t] == pytest.approx(float(value), rel=1e-10), (t, key)
+        x = x - lr * g  # plain SGD
+
+
+def test_batched_falls_back_to_loop_once_with_the_same_values():
+    class ItemInLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.last = loss.item()  # vmap cannot trace .item()
+            return loss
+
+    values = {}
+    for method in ("loop", "batched"):
+        torch.manual_seed(0)
+        logger = RecordingLogger()
+        cb = LandscapeCallback(every_n_steps=1, method=method, figure_every_n_steps=None)
+        if method == "batched":
+            with pytest.warns(MeasurementWarning, match="method='loop'") as record:
+                make_trainer(3, [cb], logger).fit(ItemInLoss(), classification_loader())
+            assert sum("method='loop'" in str(w.message) for w in record) == 1
+        else:
+            make_trainer(3, [cb], logger).fit(ItemInLoss(), classification_loader())
+        values[method] = logger.values("landscape/beta_smoothness")
+    assert values["batched"].keys() == {0, 1, 2}
+    assert values["batched"] == pytest.approx(values["loop"], rel=1e-6)
+
+
+def test_figure_goes_to_tensorboard_and_keys_are_documented(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="run", version=0)
+    cb = LandscapeCallback(every_n_steps=2, figure_every_n_steps=4)
+    make_trainer(7, [cb], logger).fit(TinyClassifier(), classification_loader())
+    events = EventAccumulator(str(tmp_path / "run" / "version_0"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("landscape/figure")] == [0, 4, 6]  # every >= 4 steps, and at the end
+    logged = {t for t in events.Tags()["scalars"] if t.startswith("landscape/")}
+    assert logged == KEYS
+    assert [e.step for e in events.Scalars("landscape/beta_smoothness")] == [0, 2, 4, 6]
+    assert cb.history["beta_smoothness"][0] == [0, 2, 4, 6]
+
+
+def test_history_survives_a_checkpoint():
+    cb = LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)
+    make_trainer(3, [cb], RecordingLogger()).fit(TinyClassifier(), classification_loader())
+    state = cb.state_dict()
+    resumed = LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)
+    resumed.load_state_dict(state)
+    assert resumed.history == cb.history and len(cb.history["loss_max"][1]) == 3
+    other = LandscapeCallback(every_n_steps=1, step_sizes=[0.1])
+    assert other.state_key != cb.state_key  # two grids in one trainer keep separate states
+
+
+def test_param_groups_with_different_lrs_need_step_sizes():
+    class TwoGroups(TinyClassifier):
+        def configure_optimizers(self):
+            first, *rest = list(self.parameters())
+            return torch.optim.SGD([{"params": [first], "lr": 0.1}, {"params": rest, "lr": 0.01}])
+
+    with pytest.raises(ValueError, match="step_sizes"):
+        make_trainer(2, [LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)], RecordingLogger()).fit(
+            TwoGroups(), classification_loader()
+        )
+    logger = RecordingLogger()
+    cb = LandscapeCallback(every_n_steps=1, step_sizes=[0.05, 0.1], figure_every_n_steps=None)
+    make_trainer(2, [cb], logger).fit(TwoGroups(), classification_loader())
+    assert sorted(logger.values("landscape/loss_max")) == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"step_sizes": []}, "step_sizes"),
+        ({"step_sizes": [0.1, 0.0]}, "step_sizes"),
+        ({"lr_multipliers": [-1.0]}, "lr_multipliers"),
+        ({"bn_mode": "frozen"}, "bn_mode"),
+        ({"method": "vmap"}, "method"),
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"figure_every_n_steps": 0}, "figure_every_n_steps"),
+    ],
+)
+def test_arguments_are_checked_at_once(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        LandscapeCallback(**kwargs)
+
+
+@pytest.mark.parametrize("norm", ["batch", "noisy"])  # noisy: ReplayNoise calls int(tensor), vmap fails mid-loss
+def test_batched_path_has_no_observer_effect(norm):
+    """vmap with per-eta buffer copies (and a vmap that fails halfway and falls back to the loop)
+    leaves the fit bit-identical: parameters, buffers, optimizer state, RNG, the module's logging."""
+
+    def fit(callbacks):
+        pl.seed_everything(0)
+        model, logger = TinyClassifier(norm=norm, dropout=0.3, optimizer="adam"), RecordingLogger()
+        trainer = make_trainer(3, callbacks, logger)
+        trainer.fit(model, classification_loader(shuffle=True))
+        return model, trainer.optimizers[0].state_dict()["state"], logger, torch.get_rng_state()
+
+    cb = LandscapeCallback(every_n_steps=1, method="batched", chunk_size=4, figure_every_n_steps=None)
+    ref, ref_opt, ref_log, ref_rng = fit([])
+    if norm == "noisy":
+        with pytest.warns(MeasurementWarning, match="using method='loop'"):
+            model, opt, log, rng = fit([cb])
+    else:
+        model, opt, log, rng = fit([cb])
+    assert sorted(log.values("landscape/loss_max")) == [0, 1, 2]
+    assert cb._method_in_use == ("batched" if norm == "batch" else "loop")
+    for (n, a), (_, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert torch.equal(a, b), n
+    for key, fields in ref_opt.items():
+        for field, value in fields.items():
+            assert torch.equal(torch.as_tensor(opt[key][field]), torch.as_tensor(value)), (key, field)
+    assert torch.equal(rng, ref_rng)
+    own = [(s, {k: v for k, v in m.items() if not k.startswith("landscape/")}) for s, m in log.records]
+    assert [r for r in own if r[1]] == ref_log.records
+    noise = [(m.draws, m.replay_noise) for m in model.modules() if hasattr(m, "replay_noise")]
+    assert noise == [(m.draws, False) for m in ref.modules() if hasattr(m, "replay_noise")]
+
+
+class ShardedNet(pl.LightningModule):
+    """No batch statistics (GroupNorm): the mean of per-rank losses is the global-batch loss.
+
+    A global batch of 16 samples per step, split over the ranks without shuffling, so one
+    process and two ranks see the same samples at every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.GroupNorm(2, 8), nn.ReLU(), nn.Linear(8, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.2, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        data, ranks = classification_loader(n=48).dataset, self.trainer.world_size
+        sampler = DistributedSampler(data, shuffle=False) if ranks > 1 else None
+        return DataLoader(data, batch_size=16 // ranks, sampler=sampler)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_logs_the_global_batch_values(tmp_path):
+    steps = 3
+    torch.manual_seed(0)
+    single = RecordingLogger()
+    make_trainer(steps, [LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)], single).fit(ShardedNet())
+    torch.manual_seed(0)
+    trainer = make_trainer(
+        steps,
+        [LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)],
+        pl.loggers.CSVLogger(tmp_path, name="ddp", version=0),
+        devices=2,
+        strategy="ddp_spawn",
+        use_distributed_sampler=False,
+    )
+    trainer.fit(ShardedNet())
+    with open(tmp_path / "ddp" / "version_0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for key in sorted(KEYS):
+        ddp = {int(r["step"]): float(r[key]) for r in rows if r.get(key)}
+        assert sorted(ddp) == list(range(steps)), key
+        for step, value in ddp.items():
+            assert value == pytest.approx(single.values(key)[step], rel=1e-5, abs=1e-7), (key, step)

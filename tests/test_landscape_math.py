@@ -1,0 +1,231 @@
+"""Loss/gradient along the gradient (callbacks.landscape_math) against closed forms and brute force."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from callbacks.landscape_math import (
+    DEFAULT_LR_MULTIPLIERS,
+    SUMMARY_KEYS,
+    AlongGradient,
+    evaluate_along_gradient,
+    step_size_grid,
+    summarize,
+)
+
+METHODS = [("loop", None), ("batched", None), ("batched", 3)]
+
+
+def test_default_grid_is_the_papers_at_lr_0_1():
+    assert DEFAULT_LR_MULTIPLIERS == tuple(0.5 * (i + 1) for i in range(8))
+    grid = step_size_grid(0.1)
+    assert len(grid) == 8
+    assert grid[0] == pytest.approx(0.05) and grid[-1] == pytest.approx(0.4)
+    assert step_size_grid(0.1, step_sizes=[0.3, 1]) == (0.3, 1.0)
+    assert step_size_grid(2.0, lr_multipliers=[1, 3]) == (2.0, 6.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"lr": 0.1, "step_sizes": []}, "step_sizes"),
+        ({"lr": 0.1, "step_sizes": [0.1, -1.0]}, "step_sizes"),
+        ({"lr": 0.1, "lr_multipliers": [float("nan")]}, "lr_multipliers"),
+        ({"lr": 0.1, "lr_multipliers": "1,2"}, "lr_multipliers"),
+        ({"lr": None}, "lr"),
+        ({"lr": 0.0}, "lr"),
+    ],
+)
+def test_grid_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        step_size_grid(**kwargs)
+
+
+# -- quadratic: L(x) = 0.5 x^T H x, g = H x, grad L(x - eta g) - g = -eta H g ----------------------
+
+
+def _quadratic(n: int = 6, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    h = a @ a.T / n + torch.diag(torch.linspace(-1.0, 3.0, n, dtype=torch.float64))  # symmetric, indefinite
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    return h, x
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+def test_quadratic_closed_form(method, chunk):
+    h, x = _quadratic()
+    g = h @ x
+    etas = step_size_grid(0.1)
+    out = evaluate_along_gradient(
+        lambda p, b: 0.5 * p["x"] @ h @ p["x"], {"x": x}, {"x": g}, etas, method=method, chunk_size=chunk
+    )
+    eta = torch.tensor(etas, dtype=torch.float64)
+    loss0 = 0.5 * x @ h @ x
+    expected_loss = loss0 - eta * (g @ g) + 0.5 * eta**2 * (g @ h @ g)
+    torch.testing.assert_close(out.losses, expected_loss, rtol=1e-12, atol=1e-12)
+    hg = torch.linalg.vector_norm(h @ g)
+    torch.testing.assert_close(out.grad_diff_norms, eta * hg, rtol=1e-12, atol=1e-12)
+    stats = summarize(out)
+    assert set(stats) == set(SUMMARY_KEYS)
+    assert stats["beta_smoothness"] == pytest.approx(float(hg / torch.linalg.vector_norm(g)), rel=1e-12)
+    assert stats["grad_norm"] == pytest.approx(float(torch.linalg.vector_norm(g)), rel=1e-12)
+    assert stats["loss_min"] == pytest.approx(float(expected_loss.min()), rel=1e-12)
+    assert stats["loss_max"] == pytest.approx(float(expected_loss.max()), rel=1e-12)
+    assert stats["grad_diff_min"] == pytest.approx(etas[0] * float(hg), rel=1e-12)
+    assert stats["grad_diff_max"] == pytest.approx(etas[-1] * float(hg), rel=1e-12)
+
+
+# -- tiny MLP with BatchNorm (train mode) and dropout: brute force on deep copies --------------------
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Dropout(0.3), nn.Linear(7, 3), nn.BatchNorm1d(3)
+    ).train()
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(12, 5, generator=gen), torch.randint(0, 3, (12,), generator=gen)
+
+
+def _gradient(model, x, y, rng):
+    model = copy.deepcopy(model)
+    torch.set_rng_state(rng)
+    nn.functional.cross_entropy(model(x), y).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _brute_force(model, x, y, g, etas, rng):
+    losses, diffs = [], []
+    for eta in etas:
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                p -= eta * g[n]
+        torch.set_rng_state(rng)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        diff = torch.cat([(p.grad - g[n]).flatten() for n, p in m.named_parameters()])
+        losses.append(loss.item())
+        diffs.append(diff.norm().item())
+    return torch.tensor(losses, dtype=torch.float64), torch.tensor(diffs, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+def test_mlp_matches_brute_force_on_copies(method, chunk):
+    model, (x, y) = _mlp(), _batch()
+    rng = torch.get_rng_state()
+    g = _gradient(model, x, y, rng)
+    params = dict(model.named_parameters())
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    before = copy.deepcopy(model.state_dict())
+    etas = step_size_grid(0.5)
+
+    def loss_fn(p, b):
+        return nn.functional.cross_entropy(functional_call(model, {**p, **b}, (x,)), y)
+
+    out = evaluate_along_gradient(
+        loss_fn, params, g, etas, buffers, method=method, chunk_size=chunk, before_each=lambda: torch.set_rng_state(rng)
+    )
+    losses, diffs = _brute_force(model, x, y, g, etas, rng)
+    torch.testing.assert_close(out.losses, losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.grad_diff_norms, diffs, rtol=1e-4, atol=1e-6)
+    ratios = diffs / (torch.tensor(etas, dtype=torch.float64) * out.grad_norm)
+    assert summarize(out)["beta_smoothness"] == pytest.approx(float(ratios.max()), rel=1e-4)
+    for name, value in model.state_dict().items():  # parameters and running statistics untouched
+        assert torch.equal(value, before[name]), name
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_reduce_gives_the_global_batch_values():
+    """Two simulated data-parallel ranks with a mean loss: the mean over ranks is the full-batch value."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = _batch()
+    params = dict(model.named_parameters())
+    g = _gradient(model, x, y, torch.get_rng_state())
+    etas = (0.1, 0.7, 1.5)
+
+    def loss_on(rows):
+        return lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (x[rows],)), y[rows])
+
+    full = evaluate_along_gradient(loss_on(slice(None)), params, g, etas)
+    for method in ("loop", "batched"):
+        sent = []
+
+        def record(t, sent=sent):
+            sent.append(t.clone())
+            return t
+
+        evaluate_along_gradient(loss_on(slice(6, None)), params, g, etas, method=method, reduce=record)
+        other = iter(sent)
+        rank0 = evaluate_along_gradient(
+            loss_on(slice(0, 6)), params, g, etas, method=method, reduce=lambda t, other=other: (t + next(other)) / 2
+        )
+        torch.testing.assert_close(rank0.losses, full.losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank0.grad_diff_norms, full.grad_diff_norms, rtol=1e-4, atol=1e-6)
+        # one collective per eta (loop) or per vmap call (batched)
+        assert len(sent) == (len(etas) if method == "loop" else 1)
+
+
+@pytest.mark.parametrize(("method", "chunk"), METHODS)
+def test_cost_is_len_grid_forward_backward_passes(method, chunk):
+    """FLOPs of one measurement = len(grid) x FLOPs of one training forward+backward."""
+    model, (x, y) = _mlp(), _batch()
+    model[3].p = 0.0  # dropout's mask generation is not a FLOP, but keep the count clean
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(copy.deepcopy(model)(x), y).backward()
+    one_pass = counter.get_total_flops()
+    g = _gradient(model, x, y, torch.get_rng_state())
+    etas = step_size_grid(0.1)
+
+    def loss_fn(p, b):
+        return nn.functional.cross_entropy(functional_call(model, {**p, **b}, (x,)), y)
+
+    buffers = dict(model.named_buffers())
+    with FlopCounterMode(display=False) as counter:
+        evaluate_along_gradient(
+            loss_fn, dict(model.named_parameters()), g, etas, buffers, method=method, chunk_size=chunk
+        )
+    assert one_pass > 0
+    assert counter.get_total_flops() == len(etas) * one_pass
+
+
+def test_zero_gradient_gives_nan_beta_and_diverged_eta_shows():
+    zero = AlongGradient(
+        step_sizes=torch.tensor([0.1, 0.2], dtype=torch.float64),
+        losses=torch.tensor([1.0, 1.0], dtype=torch.float64),
+        grad_diff_norms=torch.zeros(2, dtype=torch.float64),
+        grad_norm=torch.tensor(0.0, dtype=torch.float64),
+    )
+    assert math.isnan(summarize(zero)["beta_smoothness"])
+    diverged = AlongGradient(
+        step_sizes=torch.tensor([0.1, 0.2], dtype=torch.float64),
+        losses=torch.tensor([1.0, float("nan")], dtype=torch.float64),
+        grad_diff_norms=torch.tensor([0.5, float("inf")], dtype=torch.float64),
+        grad_norm=torch.tensor(2.0, dtype=torch.float64),
+    )
+    stats = summarize(diverged)
+    assert math.isnan(stats["loss_max"]) and math.isnan(stats["loss_min"])
+    assert math.isinf(stats["grad_diff_max"]) and math.isinf(stats["beta_smoothness"])
+    assert stats["grad_diff_min"] == 0.5
+
+
+def test_argument_checks():
+    p = {"x": torch.zeros(2)}
+    with pytest.raises(ValueError, match="method"):
+        evaluate_along_gradient(lambda p, b: p["x"].sum(), p, p, [0.1], method="vmap")
+    with pytest.raises(ValueError, match="chunk_size"):
+        evaluate_along_gradient(lambda p, b: p["x"].sum(), p, p, [0.1], method="batched", chunk_size=0)
+    with pytest.raises(ValueError, match="same names"):
+        evaluate_along_gradient(lambda p, b: p["x"].sum(), p, {"y": torch.zeros(2)}, [0.1])
