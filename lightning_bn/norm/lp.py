@@ -13,11 +13,11 @@ it, train and eval). Running estimates of mu and of the statistic ``s = mean(|c|
 p = 2, s is updated with Bessel's correction m/(m - 1) exactly as BatchNorm's running_var.
 
 Speed: p = 2 calls PyTorch's fused BatchNorm kernel. p = 1 and inf use a hand-written
-backward that allocates one activation-sized tensor per pass, as BatchNorm does (on CPU,
-allocating fresh tensors costs more than the arithmetic); ``benchmarks/norm_speed.py``
-prints the ratio to BatchNorm. Under ``create_graph=True`` (double backward) and under
-``torch.func`` transforms the plain-autograd definition
-:func:`lp_normalize_reference` is used instead, so Hessian-vector products work.
+backward with few activation-sized passes and allocations (on CPU a fresh tensor can cost
+more than the arithmetic); ``benchmarks/norm_speed.py`` prints the ratio to BatchNorm.
+Under ``create_graph=True`` (double backward) and under ``torch.func`` transforms the
+plain-autograd definition :func:`lp_normalize_reference` is differentiated instead, so
+Hessian-vector products work.
 
 DDP: statistics are per rank (like plain BatchNorm); the layer is not a ``_BatchNorm``
 subclass, so ``sync_batchnorm`` leaves it alone.
