@@ -9,8 +9,8 @@ there. Target: lp (p = 1, 2, inf) and noisy_batch within 1.5 x BatchNorm.
 
 Shapes: the conv activations of VGG-11 at the given width and batch size (CIFAR, 32x32),
 then small 1-d activations (MLP hidden layer, full-batch DLN), where fixed per-op overhead
-of a few microseconds, not arithmetic, decides. Finally, a whole VGG-11 forward+backward
-with each norm.
+of a few microseconds, not arithmetic, decides. Finally, whole models forward+backward with
+each norm: VGG-11, the 784-32-32-10 MLP (batch 128) and the 25-layer DLN (full batch 1000).
 
     python benchmarks/norm_speed.py                       # width 0.5, batch 128
     python benchmarks/norm_speed.py --threads 1 --repeats 40   # on a busy shared machine
@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from lightning_bn import VGG
+from lightning_bn import MLP, VGG, DeepLinearNet
 from lightning_bn.norm import create_norm
 
 TARGET = 1.5
@@ -84,15 +84,16 @@ def bench_layers(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
     return best_times(fns, repeats)
 
 
-def bench_vgg(width: float, batch: int, repeats: int) -> dict[str, float]:
-    torch.manual_seed(0)
-    x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+def bench_model(build: Callable[..., nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:
+    """A whole model's forward+backward (loss by the model's task) with each checked norm."""
     fns = {}
-    for label in ("batch", "lp1", "lpinf", "noisy_batch"):
+    for label in ("batch", *CHECKED):
         name, kwargs = NORMS[label]
-        model = VGG(width=width, norm=name, norm_kwargs=kwargs)
+        torch.manual_seed(0)
+        model = build(norm=name, norm_kwargs=kwargs)
+        loss = nn.functional.cross_entropy if y.dtype == torch.long else nn.functional.mse_loss
         params = list(model.parameters())
-        fns[label] = lambda m=model, p=params: torch.autograd.grad(nn.functional.cross_entropy(m(x), y), p)
+        fns[label] = lambda m=model, p=params, f=loss: torch.autograd.grad(f(m(x), y), p)
     return best_times(fns, repeats)
 
 
@@ -121,11 +122,17 @@ def main() -> None:
     )
     print("-- small 1-d activations (per-op overhead dominates)")
     small_worst = max(report("x".join(map(str, s)), bench_layers(s, args.repeats * 5)) for s in [(128, 32), (1000, 32)])
-    print(f"-- whole VGG-11 width {args.width}, batch {args.batch_size} (model forward+backward)")
-    model_worst = report("vgg11", bench_vgg(args.width, args.batch_size, max(3, args.repeats // 4)))
-    verdict = "OK" if conv_worst <= TARGET else "ABOVE TARGET"
-    print(f"worst checked ratio: conv activations {conv_worst:.2f} ({verdict}), small 1-d {small_worst:.2f}, ", end="")
-    print(f"whole VGG {model_worst:.2f}")
+    print("-- whole models (forward+backward of the loss)")
+    torch.manual_seed(0)
+    images, classes = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
+    vgg = bench_model(lambda **kw: VGG(width=args.width, **kw), images, classes, max(3, args.repeats // 4))
+    mnist, digits = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    mlp = bench_model(MLP, mnist, digits, args.repeats * 5)
+    gaussian, targets = torch.randn(1000, 10), torch.randn(1000, 10)
+    dln = bench_model(DeepLinearNet, gaussian, targets, args.repeats)
+    model_worst = max(report(f"vgg11 x{args.width}", vgg), report("mlp 784-32-32-10", mlp), report("dln 25x32", dln))
+    print(f"worst checked ratio (target <= {TARGET}): conv activations {conv_worst:.2f}, ", end="")
+    print(f"small 1-d activations {small_worst:.2f}, whole models {model_worst:.2f}")
 
 
 if __name__ == "__main__":

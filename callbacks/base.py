@@ -136,6 +136,32 @@ class MeasurementCallback(pl.Callback):
         return {**self.schedule.to_dict(), "bn_mode": self.bn_mode}
 
     # ------------------------------------------------------------ helpers for subclasses --
+    def measures_step(self, step: int) -> bool:
+        """Whether training step ``step`` (``trainer.global_step`` at batch start) is measured;
+        the schedule by default. Override to add conditions (e.g. epoch-only measurements)."""
+        return self.schedule.should_measure(step)
+
+    def measure_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int | None = None
+    ) -> dict[str, float]:
+        """Measure the live parameters now, from any hook outside the training step (epoch or
+        training end, a validation hook, your own callback), with every guarantee of a
+        scheduled measurement: states and RNG streams restored, errors warned (single process),
+        values reduced over DDP ranks and written. There is no training batch: ``ctx.batch`` is
+        None, so only measurements that bring their own data (a fixed sample) can run here.
+        Every rank must call it (collectives).
+
+        Values are written at ``step`` (default ``trainer.global_step - 1``: the step whose update
+        produced these parameters, as a scheduled measurement of step t sees W_{t+1}).
+        Returns the written scalars (also in :attr:`last_values`).
+        """
+        if step is None:
+            step = max(trainer.global_step - 1, 0)
+        ctx = StepContext(trainer, pl_module, step, None, 0, bn_mode=self.bn_mode, rng=RNGState.capture())
+        ctx.lrs_t = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        self._measure_and_write(trainer, pl_module, ctx)
+        return dict(self.last_values)
+
     def warn_once(self, key: str, message: str) -> None:
         """One ``MeasurementWarning`` per ``key`` per callback instance (on rank 0 only)."""
         if key not in self._warned:
@@ -237,7 +263,7 @@ class MeasurementCallback(pl.Callback):
     ) -> None:
         self._pending = None
         step = trainer.global_step
-        if not self.schedule.should_measure(step):
+        if not self.measures_step(step):
             return
         self._pending = StepContext(
             trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=RNGState.capture()
@@ -270,6 +296,9 @@ class MeasurementCallback(pl.Callback):
         if ctx.lrs_t is None:  # same on every rank: the optimizer did not step
             self.warn_once("no-step", f"the optimizer did not step at step {ctx.step}; nothing measured")
             return
+        self._measure_and_write(trainer, pl_module, ctx)
+
+    def _measure_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> None:
         if RNGState.capture().host_same_as(ctx.rng):
             # The training step drew nothing from NumPy/Python: replaying them is a no-op,
             # skip it (the measurement boundary below still restores every stream).

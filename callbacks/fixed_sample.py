@@ -21,9 +21,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.data import extract_batch_size
 
 from callbacks.base import BNMode, MeasurementCallback
-from callbacks.context import StepContext
 from callbacks.distributed import world_size
-from callbacks.rng import RNGState
 
 DEFAULT_NUM_SAMPLES = 2048
 
@@ -109,20 +107,16 @@ class FixedSampleMeasurement(MeasurementCallback):
         return self.training_sample(trainer, max(1, math.ceil(wanted / (batch_size * world_size()))))
 
     # -- when -----------------------------------------------------------------------------
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.every_n_steps is None:
-            self._pending = None
-            return
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    def measures_step(self, step: int) -> bool:
+        return self.every_n_steps is not None and super().measures_step(step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending is not None:
-            self._measured_global_step = trainer.global_step
+        before = self.last_measured_step
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.last_measured_step != before:  # this step was measured: W_{global_step} seen
+            self._measured_global_step = trainer.global_step
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs is not None and (trainer.current_epoch + 1) % self.every_n_epochs == 0:
@@ -132,18 +126,15 @@ class FixedSampleMeasurement(MeasurementCallback):
         if self.at_train_end:
             self.measure_now(trainer, pl_module)
 
-    def measure_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Measure the live parameters now (once per set of parameters), through the base's
-        guarded measure-and-write path; written at step ``global_step - 1``."""
+    def measure_now(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int | None = None
+    ) -> dict[str, float]:
+        """As :meth:`MeasurementCallback.measure_now`, but once per set of parameters: a call
+        with the parameters of the last measurement (same ``global_step``) returns its values."""
         if self._measured_global_step == trainer.global_step:
-            return  # same parameters as the last measurement (identical on every rank)
+            return dict(self.last_values)  # same parameters as the last measurement (identical on every rank)
         self._measured_global_step = trainer.global_step
-        ctx = StepContext(
-            trainer, pl_module, max(trainer.global_step - 1, 0), None, 0, bn_mode=self.bn_mode, rng=RNGState.capture()
-        )
-        ctx.lrs_t = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
-        self._pending = ctx
-        MeasurementCallback.on_train_batch_end(self, trainer, pl_module, None, None, 0)
+        return super().measure_now(trainer, pl_module, step)
 
     def extra_state(self) -> dict[str, Any]:
         return {"measured_global_step": self._measured_global_step}

@@ -28,6 +28,8 @@ from callbacks.hvp import HessianVectorProduct
 
 Method = Literal["lanczos", "power"]
 METHODS = ("lanczos", "power")
+Start = Literal["gradient", "random"]
+STARTS = ("gradient", "random")
 
 
 def _positive_int(name: str, value: Any) -> None:
@@ -60,6 +62,9 @@ class HessianCallback(FixedSampleMeasurement):
         bn_mode: ``"eval"`` (default; running statistics, what PyHessian forces) or ``"train"``.
         seed: seed of the random start and probe vectors (a private generator: the training
             RNG streams are never touched).
+        start: Lanczos start vector: ``"gradient"`` (default; the sample's loss gradient mixed
+            in equal parts with a random unit vector: the gradient leans toward the top
+            eigenvectors, so fewer products reach ``tol``) or ``"random"`` (PyHessian's).
         every_n_epochs, at_train_end, every_n_steps, start_step, end_step,
             log_points_per_decade: when to measure (default: end of every epoch and of training).
 
@@ -90,6 +95,7 @@ class HessianCallback(FixedSampleMeasurement):
         num_batches: int | None = None,
         bn_mode: BNMode = "eval",
         seed: int = 0,
+        start: Start = "gradient",
         every_n_epochs: int | None = 1,
         at_train_end: bool = True,
         every_n_steps: int | None = None,
@@ -122,6 +128,9 @@ class HessianCallback(FixedSampleMeasurement):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+        self.start: Start = start
         self.top_k, self.trace, self.max_iter, self.tol = top_k, trace, max_iter, float(tol)
         self.method, self.per_layer, self.cache_graph, self.seed = method, per_layer, cache_graph, seed
 
@@ -147,9 +156,11 @@ class HessianCallback(FixedSampleMeasurement):
                 return all_reduce_mean(local(v))  # the Hessian of the global sample (equal shards)
 
             like = local.grad
+            # the global sample's gradient: the same start vector on every rank
+            start_vector = all_reduce_mean(like) if self.start == "gradient" and self.method == "lanczos" else None
             generator = torch.Generator().manual_seed(self.seed)
             if self.top_k:
-                eigen = self._eigenvalues(hvp, like, self.top_k, generator)
+                eigen = self._eigenvalues(hvp, like, self.top_k, generator, start_vector)
                 values["hessian/top_eigenvalue"] = eigen[0]
                 if self.top_k > 1:
                     values.update({f"hessian/eigenvalue_{i + 1}": e for i, e in enumerate(eigen)})
@@ -163,17 +174,23 @@ class HessianCallback(FixedSampleMeasurement):
                     for layer, block_trace in zip(blocks, result.block_traces):
                         values[f"hessian/{layer}/trace"] = torch.tensor(block_trace, dtype=torch.float64)
             if self.per_layer:
-                for layer, (start, stop) in blocks.items():
-                    block = block_matvec(hvp, like, start, stop)
-                    top = self._eigenvalues(block, like[start:stop], 1, generator)[0]
+                for layer, (first, stop) in blocks.items():
+                    block = block_matvec(hvp, like, first, stop)
+                    block_start = None if start_vector is None else start_vector[first:stop]
+                    top = self._eigenvalues(block, like[first:stop], 1, generator, block_start)[0]
                     values[f"hessian/{layer}/top_eigenvalue"] = top
             local.release()
         values["hessian/num_hvps"] = torch.tensor(float(products[0]), dtype=torch.float64)
         return values
 
-    def _eigenvalues(self, matvec, like: Tensor, k: int, generator: torch.Generator) -> list[Tensor]:
-        solver = lanczos if self.method == "lanczos" else power_iteration
-        result = solver(matvec, like, k=k, max_iter=max(self.max_iter, k), tol=self.tol, generator=generator)
+    def _eigenvalues(
+        self, matvec, like: Tensor, k: int, generator: torch.Generator, start: Tensor | None
+    ) -> list[Tensor]:
+        max_iter = max(self.max_iter, k)
+        if self.method == "lanczos":
+            result = lanczos(matvec, like, k=k, max_iter=max_iter, tol=self.tol, generator=generator, start=start)
+        else:
+            result = power_iteration(matvec, like, k=k, max_iter=max_iter, tol=self.tol, generator=generator)
         if not result.converged:
             message = f"eigenvalues did not converge to tol={self.tol} in {self.max_iter} products"
             self.warn_once("not-converged", message)

@@ -45,9 +45,11 @@ def fit(callback: HessianCallback, epochs: int = 1, **kwargs: Any) -> tuple[pl.L
     return module, logger
 
 
-@pytest.mark.parametrize("bn_mode", ["eval", "train"])
-def test_top_eigenvalues_and_trace_equal_the_dense_hessian(bn_mode):
-    cb = HessianCallback(top_k=3, max_iter=120, tol=1e-9, num_batches=3, bn_mode=bn_mode, every_n_epochs=None)
+@pytest.mark.parametrize(("bn_mode", "start"), [("eval", "gradient"), ("train", "gradient"), ("eval", "random")])
+def test_top_eigenvalues_and_trace_equal_the_dense_hessian(bn_mode, start):
+    cb = HessianCallback(
+        top_k=3, max_iter=120, tol=1e-9, num_batches=3, bn_mode=bn_mode, start=start, every_n_epochs=None
+    )
     module, logger = fit(cb)
     n = sum(p.numel() for p in module.parameters())
     assert n < 1000
@@ -145,6 +147,7 @@ def test_state_key_distinguishes_configurations():
         ({"every_n_epochs": 0}, "every_n_epochs"),
         ({"every_n_epochs": None, "at_train_end": False}, "nothing would be measured"),
         ({"bn_mode": "frozen"}, "bn_mode"),
+        ({"start": "zeros"}, "start must be one of"),
     ],
 )
 def test_arguments_are_checked_at_once(kwargs, name):

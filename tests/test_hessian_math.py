@@ -119,6 +119,50 @@ def test_lanczos_with_pyhessian_defaults_is_within_one_percent(setup):
     torch.testing.assert_close(result.eigenvalues, exact[:2], rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize(
+    ("decay", "tol"),
+    [(0.5, 1e-2), (0.5, 1e-3), (0.5, 1e-4), (0.9, 1e-2), (0.9, 1e-3), (0.9, 1e-4), (0.99, 1e-3), (0.99, 1e-4)],
+)
+def test_lanczos_stopping_bound_holds(decay, tol):
+    """The a-posteriori bound stops early but honestly: each returned top Ritz value is within
+    tol (relative) of the true eigenvalue, on spectra from well separated to clustered, as long
+    as tol is below the relative gap 1 - decay (with eigenvalues closer than tol, a Krylov
+    method cannot tell them apart; the change rule PyHessian uses fails on the clustered
+    spectrum at every tol here)."""
+    g = torch.Generator().manual_seed(1)
+    n = 300
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    noise = torch.rand(n, generator=g, dtype=torch.float64)
+    spectrum = 100 * decay ** torch.arange(n, dtype=torch.float64) - 0.5 * noise
+    h = q @ torch.diag(spectrum) @ q.T
+    exact = spectrum.sort(descending=True).values
+    for k in (1, 3):
+        result = lanczos(lambda v: h @ v, h[0], k=k, max_iter=n, tol=tol, generator=torch.Generator().manual_seed(0))
+        assert result.converged and result.num_products < n
+        error = ((result.eigenvalues - exact[:k]).abs() / exact[:k]).max()
+        assert error <= tol
+
+
+def test_lanczos_start_direction_speeds_up_and_never_hides_an_eigenvector():
+    g = torch.Generator().manual_seed(2)
+    n = 200
+    q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64, generator=g))
+    spectrum = 100 * 0.9 ** torch.arange(n, dtype=torch.float64)
+    h = q @ torch.diag(spectrum) @ q.T
+    run = lambda start: lanczos(lambda v: h @ v, h[0], k=1, max_iter=n, tol=1e-6, start=start)  # noqa: E731
+    cold = run(None)
+    # a gradient-like direction: mostly the top eigenvector
+    warm = run(q[:, 0] + 0.1 * torch.randn(n, dtype=torch.float64, generator=g))
+    assert warm.eigenvalues.item() == pytest.approx(100.0, rel=1e-6)
+    assert warm.num_products < cold.num_products
+    # a direction orthogonal to the top eigenvector still finds it (the random half of the start)
+    blind = run(q[:, 1])
+    assert blind.eigenvalues.item() == pytest.approx(100.0, rel=1e-6)
+    # zero or non-finite directions fall back to the random start alone
+    for bad in (torch.zeros(n, dtype=torch.float64), torch.full((n,), float("nan"), dtype=torch.float64)):
+        assert torch.equal(run(bad).eigenvalues, cold.eigenvalues)
+
+
 def test_power_iteration_finds_largest_magnitude_with_deflation():
     # A spectrum with a negative eigenvalue of large magnitude: power iteration (PyHessian's
     # method) ranks by |lambda|, Lanczos by value.

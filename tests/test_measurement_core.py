@@ -153,6 +153,47 @@ def test_scalars_reach_every_logger_at_steps_log_every_n_steps_would_drop(tmp_pa
     assert sorted(int(r["step"]) for r in rows if r.get("probe/step")) == [0, 3, 6]
 
 
+def test_measure_now_from_any_hook_measures_live_parameters_and_changes_nothing():
+    """The public ``measure_now``: a user's own hook measures the live parameters, outside the
+    measurement's step schedule; training is bit-identical to a run without it."""
+
+    class ParamNorm(MeasurementCallback):
+        reevaluates_loss = False
+
+        def measure(self, trainer, pl_module, ctx):
+            assert ctx.batch is None and ctx.step == trainer.global_step - 1
+            torch.rand(3)  # draws from the RNG: the measurement boundary must restore it
+            with torch.no_grad():
+                norm = torch.cat([p.flatten() for p in pl_module.parameters()]).norm()
+            return {"probe/param_norm": norm, "probe/global_step": float(trainer.global_step)}
+
+        def measures_step(self, step):
+            return False  # never on the step schedule: only when asked
+
+    probe = ParamNorm(1)
+
+    class EveryThird(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step % 3:
+                return
+            values = probe.measure_now(trainer, pl_module)
+            expected = torch.cat([p.detach().flatten() for p in pl_module.parameters()]).norm().item()
+            assert values["probe/param_norm"] == pytest.approx(expected)
+
+    def run(callbacks):
+        pl.seed_everything(0)
+        model = TinyClassifier()
+        recorder = RecordingLogger()
+        make_trainer(max_steps=6, callbacks=callbacks, logger=recorder).fit(model, classification_loader(n=128))
+        return model, recorder
+
+    model, recorder = run([probe, EveryThird()])
+    reference, _ = run([])
+    assert recorder.values("probe/global_step") == {2: 3.0, 5: 6.0}  # written at global_step - 1
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_non_finite_values_are_logged_with_a_single_warning():
     class NaN(MeasurementCallback):
         reevaluates_loss = False

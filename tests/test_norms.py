@@ -11,7 +11,8 @@ from torch import nn
 from lightning_bn.errors import ConfigError
 from lightning_bn.norm import NORMS, create_norm
 from lightning_bn.norm.batch import BatchNorm
-from lightning_bn.norm.lp import _LpNorm1OrInf, lp_normalize_reference
+from lightning_bn.norm.lp import lp_normalize_reference
+from lightning_bn.norm.lp_function import _LpNorm1OrInf, _LpNorm1OrInfFlat
 
 ALL_NORMS = ["none", "batch", "group", "layer", "noisy_batch", "lp", "ghost_batch"]
 BATCH_STAT_NORMS = {"batch", "noisy_batch", "lp", "ghost_batch"}
@@ -109,30 +110,35 @@ def test_lp2_is_batchnorm_in_train_and_eval(shape):
 @pytest.mark.parametrize("p", [1, "inf"])
 @pytest.mark.parametrize(
     "shape",
-    [(6, 4, 3, 3), (7, 3), (5, 2, 4), (4, 3, 4, 4), (2, 2, 16, 16)],
-    ids=["4d", "2d", "3d", "4x4-fused-sums", "16x16-fused-sums-direct-reduction"],
-)  # the shapes cover every branch of the CPU reduction strategy in lp.py
+    [(6, 4, 3, 3), (7, 3), (300, 5), (5, 2, 4), (4, 3, 4, 4), (2, 2, 16, 16)],
+    ids=["4d", "2d", "2d-long", "3d", "4x4-fused-sums", "16x16-fused-sums-direct-reduction"],
+)  # the shapes cover both Functions and every branch of the CPU reduction strategy in lp_function.py
 def test_lp_fast_path_matches_the_autograd_reference(p, shape):
     x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
     w = torch.randn(shape[1], dtype=torch.double, requires_grad=True)
     b = torch.randn(shape[1], dtype=torch.double, requires_grad=True)
     g = torch.randn(*shape, dtype=torch.double)
-    y, mean, stat = _LpNorm1OrInf.apply(x, w, b, p, 1e-5)
+    function = _LpNorm1OrInfFlat if len(shape) == 2 else _LpNorm1OrInf
+    # momentum 1: the running buffers become this batch's mean and statistic
+    mean, stat = torch.zeros(shape[1], dtype=torch.double), torch.zeros(shape[1], dtype=torch.double)
+    y = function.apply(x, w, b, mean, stat, 1.0, p, 1e-5)
     y_ref, mean_ref, stat_ref = lp_normalize_reference(x, w, b, p, 1e-5)
     torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(mean.view(-1), mean_ref)
-    torch.testing.assert_close(stat.view(-1), stat_ref)
+    torch.testing.assert_close(mean, mean_ref)
+    torch.testing.assert_close(stat, stat_ref)
     for fast, ref in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g)):
         torch.testing.assert_close(fast, ref)
 
 
 @pytest.mark.parametrize("p", [1, "inf"])
-def test_lp_fast_path_derivatives_by_finite_differences(p):
+@pytest.mark.parametrize("shape", [(5, 2, 2), (6, 3)], ids=["3d", "2d"])
+def test_lp_fast_path_derivatives_by_finite_differences(p, shape):
     """First and second order (create_graph, as Hessian-vector products need) on a tiny input."""
-    x = torch.randn(5, 2, 2, dtype=torch.double, requires_grad=True)
-    w = torch.randn(2, dtype=torch.double, requires_grad=True)
-    b = torch.randn(2, dtype=torch.double, requires_grad=True)
-    fn = lambda x, w, b: _LpNorm1OrInf.apply(x, w, b, p, 1e-5)[0]  # noqa: E731
+    x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    w = torch.randn(shape[1], dtype=torch.double, requires_grad=True)
+    b = torch.randn(shape[1], dtype=torch.double, requires_grad=True)
+    function = _LpNorm1OrInfFlat if len(shape) == 2 else _LpNorm1OrInf
+    fn = lambda x, w, b: function.apply(x, w, b, None, None, 0.0, p, 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
@@ -287,6 +293,52 @@ def test_noisy_is_bn_shifted_and_scaled_per_unit(shape):
     assert noisy.bn.num_batches_tracked == reference.num_batches_tracked == 1
     assert (noisy.noise_shift.abs() <= 0.5).all() and (noisy.noise_shift.abs() > 0).all()
     assert (noisy.noise_scale >= 0.5).all() and (noisy.noise_scale <= 2.0).all()
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(64, 5), (16, 5, 3, 3)], ids=["2d", "4d"])
+def test_noisy_fused_backward_matches_autograd_through_bn_and_noise(shape, affine):
+    """The one-node Function (noisy_function.py) against autograd through BN(x) * scale + shift:
+    outputs, running statistics, gradients of x, gamma, beta, and double backward (float64)."""
+    noisy = create_norm("noisy_batch", 5, affine=affine).double()
+    reference = BatchNorm(5, affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            noisy.bn.weight.uniform_(0.5, 1.5), noisy.bn.bias.uniform_(-1, 1)
+    reference.load_state_dict(noisy.bn.state_dict())
+    x = (torch.randn(*shape, dtype=torch.double) * 2 + 1).requires_grad_()
+    y = noisy(x)
+    view = [1, -1] + [1] * (len(shape) - 2)
+    expected = reference(x) * noisy.noise_scale.view(view) + noisy.noise_shift.view(view)
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(noisy.bn.running_var, reference.running_var)
+    params, ref_params = [x, *noisy.parameters()], [x, *reference.parameters()]
+    g = torch.randn(*shape, dtype=torch.double)
+    for fast, ref in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, ref_params, g)):
+        torch.testing.assert_close(fast, ref)
+    # second order, as Hessian-vector products need: replay the same noise in both
+    noisy.replay_noise = True
+    v = torch.randn_like(x)
+    hvps = []
+    for fn in (noisy, lambda t: reference(t) * noisy.noise_scale.view(view) + noisy.noise_shift.view(view)):
+        (grad,) = torch.autograd.grad(fn(x).pow(3).sum(), x, create_graph=True)
+        hvps.append(torch.autograd.grad(grad, [x, *noisy.parameters()] if fn is noisy else ref_params, v))
+    for fast, ref in zip(*hvps):
+        torch.testing.assert_close(fast, ref)
+
+
+def test_noisy_under_torch_func_matches_autograd():
+    noisy = create_norm("noisy_batch", 4)
+    x = torch.randn(16, 4)
+    noisy(x)  # draw a realization, then replay it in both computations
+    noisy.replay_noise = True
+    params = dict(noisy.named_parameters())
+    buffers = {k: v.clone() for k, v in noisy.named_buffers()}
+    loss = lambda prm, buf, t: torch.func.functional_call(noisy, (prm, buf), (t,)).pow(3).sum()  # noqa: E731
+    func_grads = torch.func.grad(loss)(params, buffers, x)
+    autograd_grads = torch.autograd.grad(noisy(x).pow(3).sum(), list(params.values()))
+    for a, b in zip(func_grads.values(), autograd_grads):
+        torch.testing.assert_close(a, b)
 
 
 def test_noisy_unit_mean_and_std_change_at_every_training_step():

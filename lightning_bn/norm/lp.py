@@ -12,10 +12,10 @@ it, train and eval). Running estimates of mu and of the statistic ``s = mean(|c|
 (``max|c|`` for inf) are kept with BatchNorm's momentum rule and used in eval mode; for
 p = 2, s is updated with Bessel's correction m/(m - 1) exactly as BatchNorm's running_var.
 
-Speed: p = 2 calls PyTorch's fused BatchNorm kernel. p = 1 and inf use a hand-written
-backward with few activation-sized passes and allocations (on CPU a fresh tensor can cost
-more than the arithmetic); ``benchmarks/norm_speed.py`` prints the ratio to BatchNorm.
-Under ``create_graph=True`` (double backward) and under ``torch.func`` transforms the
+Speed: p = 2 calls PyTorch's fused BatchNorm kernel. p = 1 and inf use hand-written
+backwards (:mod:`lightning_bn.norm.lp_function`: one for feature maps, one for ``(N, C)``
+activations); ``benchmarks/norm_speed.py`` prints the ratio to BatchNorm. Under
+``create_graph=True`` (double backward) and under ``torch.func`` transforms the
 plain-autograd definition :func:`lp_normalize_reference` is differentiated instead, so
 Hessian-vector products work.
 
@@ -26,190 +26,22 @@ subclass, so ``sync_batchnorm`` leaves it alone.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
-from torch.autograd import forward_ad
 
 from lightning_bn.errors import ConfigError
+from lightning_bn.norm.autograd_mode import plain_autograd as _plain_autograd
+from lightning_bn.norm.lp_function import (
+    P,
+    _channel_affine,
+    _LpNorm1OrInf,
+    _LpNorm1OrInfFlat,
+    lp_normalize_reference,
+)
 from lightning_bn.norm.registry import register_norm
 
-P = Literal[1, 2, "inf"]
-
-
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _channel_shape(x: torch.Tensor) -> list[int]:
-    return [1, -1] + [1] * (x.dim() - 2)
-
-
-def lp_normalize_reference(
-    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, p: P, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The definition in plain autograd ops: returns (y, batch mean, batch statistic s) per channel.
-
-    Slow (every op allocates) but composable with double backward and ``torch.func``;
-    the fast path is tested against it.
-    """
-    dims, shape = _reduce_dims(x), _channel_shape(x)
-    mean = x.mean(dims, keepdim=True)
-    c = x - mean
-    if p == 1:
-        stat = c.abs().mean(dims, keepdim=True)
-        d = stat + eps
-    elif p == 2:
-        stat = c.square().mean(dims, keepdim=True)
-        d = (stat + eps).sqrt()
-    else:
-        stat = c.abs().amax(dims, keepdim=True)
-        d = stat + eps
-    y = c / d
-    if weight is not None:
-        y = y * weight.view(shape)
-    if bias is not None:
-        y = y + bias.view(shape)
-    return y, mean.reshape(-1), stat.reshape(-1)
-
-
-class _LpNorm1OrInf(torch.autograd.Function):
-    """Fast training-mode lp normalization for p = 1 and p = inf.
-
-    Backward, with x_hat = c / d, S = sum(g * x_hat), k = gamma / d (per channel):
-        dL/dc_j = k (g_j - S * dd/dc_j),  dL/dx = dL/dc - mean(dL/dc)
-    with dd/dc_j = sign(c_j) / m for p = 1 (the signs are kept from forward: one tensor the
-    size of the input); for p = inf, dd/dc_j = sign(c_j) at one position where |c| is
-    maximal and 0 elsewhere (at ties this picks one valid subgradient, while autograd's
-    ``amax`` would split it; ties do not occur for continuous activations).
-    Per-channel affine maps y = a * x + b run through BatchNorm's fused eval-mode kernel,
-    several times faster on CPU than the equivalent broadcasting ``addcmul``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, eps):  # noqa: ANN001 (autograd.Function API)
-        shape = _channel_shape(x)
-        m = x.numel() // x.shape[1]
-        mean = (_channel_reduce(x, "sum") / m).view(shape)
-        if p == 1:
-            sign = (x - mean).sign_()  # kept for backward: dd/dc = sign / m
-            sign_sum, abs_sum = _sums_g_and_g_centered(sign, x, mean)  # sum(sign * c) = sum(|c|)
-            stat = (abs_sum / m).view(shape)
-            ctx.extremes = (sign, sign_sum.view(shape))
-        else:  # max|c| = max(max(x) - mu, mu - min(x)); keep the per-position extremes to find it again
-            top, bottom = x.amax(0).view(x.shape[1], -1), x.amin(0).view(x.shape[1], -1)  # (C, positions)
-            above, below = top.amax(1) - mean.view(-1), mean.view(-1) - bottom.amin(1)
-            stat = torch.maximum(above, below).view(shape)
-            ctx.extremes = (top, bottom, above >= below)
-        d = stat + eps
-        k = d.reciprocal() if weight is None else weight.view(shape) / d
-        y = _channel_affine(x, mean, k, bias)
-        ctx.save_for_backward(x, weight, bias, mean, d)
-        ctx.p, ctx.eps = p, eps
-        ctx.mark_non_differentiable(mean, stat)
-        return y, mean, stat
-
-    @staticmethod
-    def backward(ctx, g, _grad_mean, _grad_stat):  # noqa: ANN001
-        x, weight, bias, mean, d = ctx.saved_tensors
-        wants = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the reference instead
-            return (*_reference_grads(x, weight, bias, ctx.p, ctx.eps, g, wants), None, None)
-        shape = _channel_shape(x)
-        m = x.numel() // x.shape[1]
-        g = g.contiguous()
-        sum_g, sum_gc = _sums_g_and_g_centered(g, x, mean)
-        s = sum_gc / d.view(-1)  # S = sum(g * x_hat), also the gradient of gamma
-        k = d.reciprocal() if weight is None else weight.view(shape) / d
-        g_mean = sum_g.view(shape) / m
-        if ctx.p == 1:
-            sign, sign_sum = ctx.extremes
-            a = s.view(shape) / m
-            # k (g - mean(g) - a (sign - mean(sign))) = k g + const - k a sign
-            const = k * (a * sign_sum / m - g_mean)
-            dx = _channel_affine(g, torch.zeros_like(mean), k, const).addcmul_(sign, -k * a)
-        else:
-            idx, u = _argmax_abs_centered(x, *ctx.extremes)
-            # k (g - mean(g) - S (u - mean(u))), u = dd/dc: +-1 at the argmax, 0 elsewhere
-            dx = _channel_affine(g, torch.zeros_like(mean), k, k * (s.view(shape) * u.view(shape) / m - g_mean))
-            dx[idx] -= k.view(-1) * s * u
-        grad_w = s if weight is not None and wants[1] else None
-        grad_b = sum_g if bias is not None and wants[2] else None
-        return (dx if wants[0] else None), grad_w, grad_b, None, None
-
-
-# CPU reductions over (N, H, W) per channel are slow when the innermost run H * W is short:
-# below _SHORT_RUN positions, reduce over N first (contiguous, vectorized). BatchNorm's fused
-# backward kernel gets both sums of _sums_g_and_g_centered in one pass, but is slow below
-# _FUSED_MIN positions. Both thresholds measured with benchmarks/norm_speed.py on CPU.
-_SHORT_RUN = 256
-_FUSED_MIN = 16
-
-
-def _channel_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
-    """``sum``/``amax``/``amin`` over every dimension but 1, as a flat (C,) tensor."""
-    if x.dim() == 2 or x[0, 0].numel() < _SHORT_RUN:
-        first = getattr(x, op)(0)
-        return first if first.dim() == 1 else getattr(first.view(first.shape[0], -1), op)(1)
-    return getattr(x, op)(_reduce_dims(x))
-
-
-def _sums_g_and_g_centered(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per channel: sum(g) and sum(g * (x - mean)), as flat (C,) tensors."""
-    if x.dim() > 2 and x[0, 0].numel() >= _FUSED_MIN:  # BatchNorm's backward kernel: one fused pass
-        _, sum_gc, sum_g = torch.ops.aten.native_batch_norm_backward(
-            g, x, None, None, None, mean.view(-1), torch.ones_like(mean.view(-1)), True, 0.0, [False, True, True]
-        )
-        return sum_g, sum_gc
-    return _channel_reduce(g, "sum"), _channel_reduce(g * (x - mean), "sum")
-
-
-def _channel_affine(x: torch.Tensor, center: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None):
-    """(x - center) * scale + shift per channel, through BatchNorm's fused eval-mode kernel."""
-    flat_center = center.reshape(-1)
-    return torch.nn.functional.batch_norm(
-        x,
-        flat_center,
-        torch.ones_like(flat_center),
-        scale.reshape(-1),
-        None if shift is None else shift.reshape(-1),
-        False,
-        0.0,
-        0.0,
-    )
-
-
-def _argmax_abs_centered(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tensor, above: torch.Tensor):
-    """One argmax of |x - mean| per channel (an index tuple for advanced indexing) and its sign.
-
-    ``top``/``bottom``: (C, positions) max/min over the batch; ``above``: whether the channel's
-    max |c| lies above the mean (at its maximum) rather than below (at its minimum).
-    """
-    n, channels = x.shape[0], x.shape[1]
-    channel = torch.arange(channels, device=x.device)
-    position = torch.where(above, top.argmax(1), bottom.argmin(1))  # (C,)
-    column = x.view(n, channels, -1)[:, channel, position]  # (N, C): every sample at that position
-    sample = torch.where(above, column.argmax(0), column.argmin(0))
-    sign = above.to(x.dtype) * 2 - 1
-    return (sample, channel, *torch.unravel_index(position, x.shape[2:])), sign
-
-
-def _reference_grads(x, weight, bias, p, eps, g, wants):  # noqa: ANN001
-    inputs = [t for t, w in zip((x, weight, bias), wants) if w]
-    if not inputs:
-        return None, None, None
-    with torch.enable_grad():
-        y, _, _ = lp_normalize_reference(x, weight, bias, p, eps)
-        grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
-    return tuple(next(grads) if w else None for w in wants)
-
-
-def _plain_autograd(x: torch.Tensor) -> bool:
-    """False under torch.func transforms or forward-mode AD, where the custom Function cannot run."""
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return False
-    return forward_ad.unpack_dual(x).tangent is None
+__all__ = ["LpNorm", "lp_normalize_reference"]
 
 
 def _parse_p(p: object) -> P:
@@ -272,13 +104,13 @@ class LpNorm(nn.Module):
             return _channel_affine(x, self.running_mean, scale, self.bias)
         if x.numel() // x.shape[1] < 2:
             raise ValueError(f"lp norm needs more than 1 value per channel in training, got shape {tuple(x.shape)}")
-        if _plain_autograd(x):
-            y, mean, stat = _LpNorm1OrInf.apply(x, self.weight, self.bias, self.p, self.eps)
-        else:
-            y, mean, stat = lp_normalize_reference(x, self.weight, self.bias, self.p, self.eps)
+        self.num_batches_tracked.add_(1)
+        if _plain_autograd(x):  # the hand-written backwards; they also update the running estimates
+            function = _LpNorm1OrInfFlat if x.dim() == 2 else _LpNorm1OrInf
+            args = (self.running_mean, self.running_stat, self.momentum, self.p, self.eps)
+            return function.apply(x, self.weight, self.bias, *args)
+        y, mean, stat = lp_normalize_reference(x, self.weight, self.bias, self.p, self.eps)
         with torch.no_grad():
-            torch._foreach_lerp_(
-                [self.running_mean, self.running_stat], [mean.detach().view(-1), stat.detach().view(-1)], self.momentum
-            )
-            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_stat.lerp_(stat.detach(), self.momentum)
         return y

@@ -12,7 +12,8 @@ drawn from torch's global RNG (``seed_everything`` makes runs reproducible). Wit
 batch the unit then has batch mean ``scale_c * beta_c + shift_c`` and standard deviation
 ``scale_c * |gamma_c|``; both move at every step although BN normalized the unit. One draw
 per unit and step, shared by the samples of the batch, is what "the distribution moves"
-means; it also folds into BatchNorm's affine map, so the noise costs nothing extra.
+means; it also folds into BatchNorm's affine map, so one fused BatchNorm kernel computes
+the layer (:mod:`lightning_bn.norm.noisy_function`).
 
 Eval mode: the noise is off, the layer is exactly BatchNorm with running statistics. The
 layers after it learned under shifted and scaled inputs that eval mode removes, so eval
@@ -42,29 +43,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_bn.errors import ConfigError
+from lightning_bn.norm.autograd_mode import plain_autograd
 from lightning_bn.norm.batch import BatchNorm
+from lightning_bn.norm.noisy_function import _NoisyBatchNorm
 from lightning_bn.norm.registry import register_norm
 
 
-def _batch_norm_with_affine(bn: BatchNorm, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``bn(x)`` in training mode with its affine map replaced by (weight, bias): same buffer updates."""
-    bn._check_input_dim(x)
+def _momentum_factor(bn: BatchNorm) -> float:
+    """Count the batch and return the running-average factor, as torch's BatchNorm.forward does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average, as torch's BatchNorm
+        if bn.momentum is None:  # cumulative moving average
             factor = 1.0 / float(bn.num_batches_tracked)
-    tracked = bn.track_running_stats
-    return F.batch_norm(
-        x,
-        bn.running_mean if tracked else None,
-        bn.running_var if tracked else None,
-        weight,
-        bias,
-        True,
-        factor,
-        bn.eps,
-    )
+    return factor
 
 
 @register_norm("noisy_batch")
@@ -122,27 +114,36 @@ class NoisyBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"mean_range={self.mean_range}, scale_range={self.scale_range}, replay_noise={self.replay_noise}"
 
-    @torch.no_grad()
-    def draw_noise(self) -> None:
-        """One training forward's use of the global RNG: a new realization, or (replay) a discarded draw."""
-        noise = self.noise
-        uniform = torch.rand(noise.shape, device=noise.device, dtype=noise.dtype)
-        if self.replay_noise:
-            return  # same RNG consumption as the measured step, so later random layers see its stream
-        torch.addcmul(self.noise_low, uniform, self.noise_span, out=noise)
+    def draw_noise(self) -> torch.Tensor:
+        """One training forward's use of the global RNG: a new realization, or (replay) a discarded
+        draw of the same size. Returns the realization in use. (Buffers only, no autograd: no
+        ``no_grad`` needed, which matters at a few microseconds per layer.)"""
+        noise = self._buffers["noise"]
+        if self.replay_noise:  # same RNG consumption as the measured step, so later random layers see its stream
+            torch.rand(noise.shape, device=noise.device, dtype=noise.dtype)
+            return noise
+        noise.uniform_()  # draws exactly as torch.rand(noise.shape) would
+        torch.addcmul(self._buffers["noise_low"], noise, self._buffers["noise_span"], out=noise)
         noise[1].exp_()
         self.num_draws += 1
+        return noise
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.bn(x)
         if self.replay_noise and self.num_draws == 0:
             raise RuntimeError("noisy_batch: replay_noise=True but no noise drawn yet; run a training forward first")
-        self.draw_noise()
-        shift, scale = self.noise.to(x.dtype)
-        if type(self.bn) is BatchNorm:  # fold the noise into BN's affine map: one fused kernel
-            weight = scale if self.bn.weight is None else self.bn.weight * scale
-            bias = shift if self.bn.bias is None else torch.addcmul(shift, self.bn.bias, scale)
-            return _batch_norm_with_affine(self.bn, x, weight, bias)
+        noise = self.draw_noise()
+        shift, scale = noise if noise.dtype == x.dtype else noise.to(x.dtype)
+        bn = self.bn
+        if type(bn) is BatchNorm:  # fold the noise into BN's affine map: one fused kernel
+            bn._check_input_dim(x)
+            factor = _momentum_factor(bn)
+            running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+            if plain_autograd(x):
+                return _NoisyBatchNorm.apply(x, bn.weight, bn.bias, shift, scale, *running, factor, bn.eps)
+            weight = scale if bn.weight is None else bn.weight * scale  # torch.func: plain autograd ops
+            bias = shift if bn.bias is None else torch.addcmul(shift, bn.bias, scale)
+            return F.batch_norm(x, *running, weight, bias, True, factor, bn.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)  # bn was converted (e.g. to SyncBatchNorm)
         return torch.addcmul(shift.view(shape), self.bn(x), scale.view(shape))
