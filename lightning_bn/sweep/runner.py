@@ -121,12 +121,18 @@ class SweepRunner:
         return outcomes
 
     def interrupt(self) -> None:
-        """Start no new stage and ask the running training processes to stop (SIGINT)."""
+        """Start no new stage and ask the running training processes to stop (SIGINT).
+
+        A process started with SIGINT ignored (e.g. ``cmd &`` from a non-interactive shell)
+        passes the ignore on to its children, where SIGINT would do nothing: SIGTERM then,
+        which Lightning also turns into a graceful stop.
+        """
         self._stop.set()
+        stop = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
         with self._lock:
             for process in list(self._live):
                 if process.poll() is None:
-                    process.send_signal(signal.SIGINT)
+                    process.send_signal(stop)
         self._say("[sweep] interrupted: stopping the running trainings; run the same command again to resume")
 
     # -- one run ----------------------------------------------------------------------
