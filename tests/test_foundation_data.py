@@ -17,9 +17,21 @@ def test_embedded_subset_shapes_and_balance():
     assert test_x.shape == (2_000, 3, 32, 32)
     assert train_y.bincount().tolist() == [1000] * 10
     assert test_y.bincount().tolist() == [200] * 10
+    # Test images interleaved by class: every prefix of 10 k images (limit_val_batches) is balanced.
+    for k in (1, 7, 50):
+        assert test_y[: 10 * k].bincount(minlength=10).tolist() == [k] * 10
     # Real CIFAR-10 images: channel means near the published 0.491 / 0.482 / 0.447.
     means = train_x.float().mean(dim=(0, 2, 3)) / 255
     torch.testing.assert_close(means, torch.tensor([0.491, 0.482, 0.447]), atol=0.01, rtol=0)
+
+
+def test_interleave_classes_on_a_class_sorted_list():
+    from lightning_bn.data.embedded import _interleave_classes
+
+    labels = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    order = _interleave_classes(labels)
+    assert labels[order].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]
+    assert order.tolist() == [0, 3, 6, 1, 4, 7, 2, 5, 8]  # within a class, the stored order is kept
 
 
 def test_datamodule_batches_are_normalized_tensors():

@@ -327,6 +327,30 @@ def test_noisy_fused_backward_matches_autograd_through_bn_and_noise(shape, affin
         torch.testing.assert_close(fast, ref)
 
 
+def test_noisy_layer_called_twice_in_one_step_backpropagates_both_draws():
+    """Weight sharing: two training forwards (two realizations) before one backward."""
+    noisy = create_norm("noisy_batch", 3).double()
+    x1, x2 = (torch.randn(8, 3, dtype=torch.double, requires_grad=True) for _ in range(2))
+    y1 = noisy(x1)
+    noise1 = noisy.noise.clone()
+    y2 = noisy(x2)
+    noise2 = noisy.noise.clone()
+    assert not torch.equal(noise1, noise2)
+    g1, g2 = torch.randn_like(y1), torch.randn_like(y2)
+    grads = torch.autograd.grad([y1, y2], [x1, x2, noisy.bn.weight], [g1, g2])
+    bn = BatchNorm(3).double()
+    bn.load_state_dict(noisy.bn.state_dict())
+
+    def reference(x, noise):  # BN in train mode (batch statistics), then the given realization
+        return bn(x) * noise[1] + noise[0]
+
+    expected = torch.autograd.grad(
+        [reference(x1, noise1), reference(x2, noise2)], [x1, x2, bn.weight], [g1, g2]
+    )
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 def test_noisy_under_torch_func_matches_autograd():
     noisy = create_norm("noisy_batch", 4)
     x = torch.randn(16, 4)

@@ -3,6 +3,11 @@
 10 classes x (1,000 train + 200 test) images, the first files by name per class of the
 CIFAR-10 JPEG re-encoding (quality 75; see ``tools/build_embedded_cifar10.py``). The JPEG
 bytes are stored xz-compressed (3.5 MB) and decoded once into memory (Pillow, about 1 s).
+
+The file stores each split class by class. The test split is returned with the classes
+interleaved (one image of each class in turn), so any prefix of 10 k images, e.g. what
+``trainer.limit_val_batches`` evaluates, holds k images of every class. The training split
+keeps the stored order (training shuffles it; ``train_size`` subsets draw a permutation).
 """
 
 from __future__ import annotations
@@ -35,8 +40,21 @@ def load_embedded_cifar10() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for start, end in zip(offsets[:-1], offsets[1:])
         ]
         images = torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous()
-        out[split] = (images, part["labels"].long())
+        labels = part["labels"].long()
+        if split == "test":
+            order = _interleave_classes(labels)
+            images, labels = images[order], labels[order]
+        out[split] = (images, labels)
     return out
+
+
+def _interleave_classes(labels: torch.Tensor) -> torch.Tensor:
+    """Indices visiting the classes round-robin: the i-th image of every class before the (i+1)-th."""
+    rank = torch.empty_like(labels)
+    for cls in labels.unique():
+        members = (labels == cls).nonzero().squeeze(1)
+        rank[members] = torch.arange(len(members))
+    return torch.argsort(rank * (int(labels.max()) + 1) + labels, stable=True)
 
 
 class EmbeddedCIFAR10DataModule(InMemoryImageDataModule):

@@ -116,17 +116,20 @@ class NoisyBatchNorm(nn.Module):
 
     def draw_noise(self) -> torch.Tensor:
         """One training forward's use of the global RNG: a new realization, or (replay) a discarded
-        draw of the same size. Returns the realization in use. (Buffers only, no autograd: no
-        ``no_grad`` needed, which matters at a few microseconds per layer.)"""
+        draw of the same size. Returns the realization in use as a fresh (2, C) tensor and keeps
+        a copy in the ``noise`` buffer: autograd may save the returned tensor for backward, and a
+        later draw must not change it in place (a layer called twice in one step, e.g. with shared
+        weights, would otherwise fail in backward). Buffers only, no autograd: no ``no_grad``
+        needed, which matters at a few microseconds per layer."""
         noise = self._buffers["noise"]
+        uniform = torch.rand(noise.shape, device=noise.device, dtype=noise.dtype)
         if self.replay_noise:  # same RNG consumption as the measured step, so later random layers see its stream
-            torch.rand(noise.shape, device=noise.device, dtype=noise.dtype)
-            return noise
-        noise.uniform_()  # draws exactly as torch.rand(noise.shape) would
-        torch.addcmul(self._buffers["noise_low"], noise, self._buffers["noise_span"], out=noise)
-        noise[1].exp_()
+            return noise.clone()
+        fresh = torch.addcmul(self._buffers["noise_low"], uniform, self._buffers["noise_span"], out=uniform)
+        fresh[1].exp_()
+        noise.copy_(fresh)
         self.num_draws += 1
-        return noise
+        return fresh
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
