@@ -4,8 +4,9 @@ Notation (per channel, over the m values of the batch and spatial positions): mu
 c = x - mu, d = (mean|c|^p + eps)^(1/p) (p = 1, 2) or max|c| + eps (p = inf),
 x_hat = c / d, y = gamma * x_hat + beta. See :mod:`lightning_bn.norm.lp` for the layer.
 
-Why hand-written backwards: autograd through the definition costs ~20 small ops, each
-allocating an activation-sized tensor; on CPU that, not arithmetic, dominates. Two
+Why hand-written backwards: autograd through the definition records a graph node per op and
+runs some 25 ops in backward, most allocating an activation-sized tensor; on CPU that
+bookkeeping, not arithmetic, dominates. Two
 ``torch.autograd.Function`` s cover the two regimes, both tested against
 :func:`lp_normalize_reference` (values, gradients, double backward) in tests/test_norms.py:
 
