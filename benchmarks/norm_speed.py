@@ -86,12 +86,12 @@ def bench_layers(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
 
 def bench_model(build: Callable[..., nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:
     """A whole model's forward+backward (loss by the model's task) with each checked norm."""
+    loss = nn.functional.cross_entropy if y.dtype == torch.long else nn.functional.mse_loss
     fns = {}
     for label in ("batch", *CHECKED):
         name, kwargs = NORMS[label]
         torch.manual_seed(0)
         model = build(norm=name, norm_kwargs=kwargs)
-        loss = nn.functional.cross_entropy if y.dtype == torch.long else nn.functional.mse_loss
         params = list(model.parameters())
         fns[label] = lambda m=model, p=params, f=loss: torch.autograd.grad(f(m(x), y), p)
     return best_times(fns, repeats)

@@ -157,7 +157,8 @@ class HessianCallback(FixedSampleMeasurement):
 
             like = local.grad
             # the global sample's gradient: the same start vector on every rank
-            start_vector = all_reduce_mean(like) if self.start == "gradient" and self.method == "lanczos" else None
+            wants_start = self.start == "gradient" and self.method == "lanczos" and (self.top_k or self.per_layer)
+            start_vector = all_reduce_mean(like) if wants_start else None
             generator = torch.Generator().manual_seed(self.seed)
             if self.top_k:
                 eigen = self._eigenvalues(hvp, like, self.top_k, generator, start_vector)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd import forward_ad
 
@@ -12,3 +14,20 @@ def plain_autograd(x: torch.Tensor) -> bool:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return False
     return forward_ad.unpack_dual(x).tangent is None
+
+
+def grads_with_graph(
+    definition: Callable[..., torch.Tensor],
+    tensors: tuple[torch.Tensor | None, ...],
+    wants: tuple[bool, ...],
+    grad_output: torch.Tensor,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``definition(*tensors)`` (plain autograd ops) w.r.t. the tensors ``wants``
+    marks, with ``create_graph=True``: what a hand-written backward returns when it is itself
+    differentiated (double backward, Hessian-vector products)."""
+    inputs = [t for t, w in zip(tensors, wants) if w]
+    if not inputs:
+        return (None,) * len(tensors)
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(definition(*tensors), inputs, grad_output, create_graph=True))
+    return tuple(next(grads) if w else None for w in wants)

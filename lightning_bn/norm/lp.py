@@ -37,6 +37,7 @@ from lightning_bn.norm.lp_function import (
     _channel_affine,
     _LpNorm1OrInf,
     _LpNorm1OrInfFlat,
+    _update_running,
     lp_normalize_reference,
 )
 from lightning_bn.norm.registry import register_norm
@@ -110,7 +111,5 @@ class LpNorm(nn.Module):
             args = (self.running_mean, self.running_stat, self.momentum, self.p, self.eps)
             return function.apply(x, self.weight, self.bias, *args)
         y, mean, stat = lp_normalize_reference(x, self.weight, self.bias, self.p, self.eps)
-        with torch.no_grad():
-            self.running_mean.lerp_(mean.detach(), self.momentum)
-            self.running_stat.lerp_(stat.detach(), self.momentum)
+        _update_running(self.running_mean, self.running_stat, mean.detach(), stat.detach(), self.momentum)
         return y

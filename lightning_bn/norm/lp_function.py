@@ -25,6 +25,8 @@ from typing import Literal
 
 import torch
 
+from lightning_bn.norm.autograd_mode import grads_with_graph
+
 P = Literal[1, 2, "inf"]
 
 
@@ -144,7 +146,8 @@ def _update_running(
     momentum: float,
 ) -> None:
     """BatchNorm's rule, running = (1 - momentum) running + momentum batch (two ``lerp_``: on tiny
-    tensors cheaper than one ``_foreach_lerp_``). Runs inside ``Function.forward``: no grad."""
+    tensors cheaper than one ``_foreach_lerp_``). Statistics without autograd history: inside
+    ``Function.forward``, or detached by the caller."""
     if running_mean is not None:
         running_mean.lerp_(mean.view(-1), momentum)
     if running_stat is not None:
@@ -208,13 +211,7 @@ def _argmax_abs_centered(x: torch.Tensor, top: torch.Tensor, bottom: torch.Tenso
 
 
 def _reference_grads(x, weight, bias, p, eps, g, wants):  # noqa: ANN001
-    inputs = [t for t, w in zip((x, weight, bias), wants) if w]
-    if not inputs:
-        return None, None, None
-    with torch.enable_grad():
-        y, _, _ = lp_normalize_reference(x, weight, bias, p, eps)
-        grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
-    return tuple(next(grads) if w else None for w in wants)
+    return grads_with_graph(lambda *t: lp_normalize_reference(*t, p, eps)[0], (x, weight, bias), wants, g)
 
 
 class _LpNorm1OrInfFlat(torch.autograd.Function):

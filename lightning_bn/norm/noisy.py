@@ -45,7 +45,7 @@ from torch import nn
 from lightning_bn.errors import ConfigError
 from lightning_bn.norm.autograd_mode import plain_autograd
 from lightning_bn.norm.batch import BatchNorm
-from lightning_bn.norm.noisy_function import _NoisyBatchNorm
+from lightning_bn.norm.noisy_function import _NoisyBatchNorm, fold_noise
 from lightning_bn.norm.registry import register_norm
 
 
@@ -145,8 +145,7 @@ class NoisyBatchNorm(nn.Module):
             running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
             if plain_autograd(x):
                 return _NoisyBatchNorm.apply(x, bn.weight, bn.bias, shift, scale, *running, factor, bn.eps)
-            weight = scale if bn.weight is None else bn.weight * scale  # torch.func: plain autograd ops
-            bias = shift if bn.bias is None else torch.addcmul(shift, bn.bias, scale)
+            weight, bias = fold_noise(bn.weight, bn.bias, shift, scale)  # torch.func: plain autograd ops
             return F.batch_norm(x, *running, weight, bias, True, factor, bn.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)  # bn was converted (e.g. to SyncBatchNorm)
         return torch.addcmul(shift.view(shape), self.bn(x), scale.view(shape))

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lightning_bn.norm.autograd_mode import grads_with_graph
+
 
 class _NoisyBatchNorm(torch.autograd.Function):
     """``apply(x, weight, bias, shift, scale, running_mean, running_var, momentum, eps)``.
@@ -26,8 +28,7 @@ class _NoisyBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, scale, running_mean, running_var, momentum, eps):  # noqa: ANN001
-        folded_w = scale if weight is None else weight * scale
-        folded_b = shift if bias is None else torch.addcmul(shift, bias, scale)
+        folded_w, folded_b = fold_noise(weight, bias, shift, scale)
         y, save_mean, save_invstd = torch.native_batch_norm(
             x, folded_w, folded_b, running_mean, running_var, True, momentum, eps
         )
@@ -53,13 +54,17 @@ class _NoisyBatchNorm(torch.autograd.Function):
 _NO_GRADS = (None,) * 6  # shift, scale, running_mean, running_var, momentum, eps
 
 
+def fold_noise(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm's affine map with the noise folded in: (gamma * scale, beta * scale + shift)."""
+    folded_w = scale if weight is None else weight * scale
+    folded_b = shift if bias is None else torch.addcmul(shift, bias, scale)
+    return folded_w, folded_b
+
+
 def _plain_grads(x, weight, bias, shift, scale, eps, g, wants):  # noqa: ANN001
-    inputs = [t for t, w in zip((x, weight, bias), wants) if w]
-    if not inputs:
-        return None, None, None
-    with torch.enable_grad():
-        folded_w = scale if weight is None else weight * scale
-        folded_b = shift if bias is None else torch.addcmul(shift, bias, scale)
-        y = F.batch_norm(x, None, None, folded_w, folded_b, True, 0.0, eps)
-        grads = iter(torch.autograd.grad(y, inputs, g, create_graph=True))
-    return tuple(next(grads) if w else None for w in wants)
+    def definition(x, weight, bias):  # noqa: ANN001, ANN202
+        return F.batch_norm(x, None, None, *fold_noise(weight, bias, shift, scale), True, 0.0, eps)
+
+    return grads_with_graph(definition, (x, weight, bias), wants, g)
