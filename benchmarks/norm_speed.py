@@ -55,15 +55,18 @@ def vgg_shapes(width: float, batch: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+def best_times(fns: dict[str, Callable[[], object]], repeats: int, calls: int = 1) -> dict[str, float]:
+    """Best time per call of each function over ``repeats`` interleaved rounds of ``calls`` calls:
+    blocks of calls for microsecond-scale functions, where one call's time jitters by tens of %."""
     for fn in fns.values():  # warm-up: allocator, thread pool, first-call dispatch
         fn(), fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             start = time.process_time()
-            fn()
-            times[name].append(time.process_time() - start)
+            for _ in range(calls):
+                fn()
+            times[name].append((time.process_time() - start) / calls)
     return {name: min(values) for name, values in times.items()}
 
 
@@ -72,7 +75,7 @@ def layer_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callabl
     return lambda: torch.autograd.grad(layer(x), inputs, grad)
 
 
-def bench_layers(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
+def bench_layers(shape: tuple[int, ...], repeats: int, calls: int = 1) -> dict[str, float]:
     torch.manual_seed(0)
     x = torch.randn(*shape, requires_grad=True)
     grad = torch.randn(*shape)
@@ -81,10 +84,12 @@ def bench_layers(shape: tuple[int, ...], repeats: int) -> dict[str, float]:
         if name == "ghost_batch" and shape[0] % kwargs["virtual_batch_size"]:
             continue
         fns[label] = layer_step(create_norm(name, shape[1], **kwargs), x, grad)
-    return best_times(fns, repeats)
+    return best_times(fns, repeats, calls)
 
 
-def bench_model(build: Callable[..., nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int) -> dict[str, float]:
+def bench_model(
+    build: Callable[..., nn.Module], x: torch.Tensor, y: torch.Tensor, repeats: int, calls: int = 1
+) -> dict[str, float]:
     """A whole model's forward+backward (loss by the model's task) with each checked norm."""
     loss = nn.functional.cross_entropy if y.dtype == torch.long else nn.functional.mse_loss
     fns = {}
@@ -94,7 +99,7 @@ def bench_model(build: Callable[..., nn.Module], x: torch.Tensor, y: torch.Tenso
         model = build(norm=name, norm_kwargs=kwargs)
         params = list(model.parameters())
         fns[label] = lambda m=model, p=params, f=loss: torch.autograd.grad(f(m(x), y), p)
-    return best_times(fns, repeats)
+    return best_times(fns, repeats, calls)
 
 
 def report(title: str, times: dict[str, float]) -> float:
@@ -121,13 +126,15 @@ def main() -> None:
         report("x".join(map(str, s)), bench_layers(s, args.repeats)) for s in vgg_shapes(args.width, args.batch_size)
     )
     print("-- small 1-d activations (per-op overhead dominates)")
-    small_worst = max(report("x".join(map(str, s)), bench_layers(s, args.repeats * 5)) for s in [(128, 32), (1000, 32)])
+    small_worst = max(
+        report("x".join(map(str, s)), bench_layers(s, args.repeats, calls=20)) for s in [(128, 32), (1000, 32)]
+    )
     print("-- whole models (forward+backward of the loss)")
     torch.manual_seed(0)
     images, classes = torch.randn(args.batch_size, 3, 32, 32), torch.randint(0, 10, (args.batch_size,))
     vgg = bench_model(lambda **kw: VGG(width=args.width, **kw), images, classes, max(3, args.repeats // 4))
     mnist, digits = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
-    mlp = bench_model(MLP, mnist, digits, args.repeats * 5)
+    mlp = bench_model(MLP, mnist, digits, args.repeats, calls=10)
     gaussian, targets = torch.randn(1000, 10), torch.randn(1000, 10)
     dln = bench_model(DeepLinearNet, gaussian, targets, args.repeats)
     model_worst = max(report(f"vgg11 x{args.width}", vgg), report("mlp 784-32-32-10", mlp), report("dln 25x32", dln))

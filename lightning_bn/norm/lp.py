@@ -14,7 +14,9 @@ p = 2, s is updated with Bessel's correction m/(m - 1) exactly as BatchNorm's ru
 
 Speed: p = 2 calls PyTorch's fused BatchNorm kernel. p = 1 and inf use hand-written
 backwards (:mod:`lightning_bn.norm.lp_function`: one for feature maps, one for ``(N, C)``
-activations); ``benchmarks/norm_speed.py`` prints the ratio to BatchNorm. Under
+activations); on CPU, ``(N, C)`` activations go through a compiled kernel instead
+(:mod:`lightning_bn.norm.kernels`, Python fallback); ``benchmarks/norm_speed.py`` prints the
+ratio to BatchNorm. Under
 ``create_graph=True`` (double backward) and under ``torch.func`` transforms the
 plain-autograd definition :func:`lp_normalize_reference` is differentiated instead, so
 Hessian-vector products work.
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_bn.errors import ConfigError
+from lightning_bn.norm import kernels
 from lightning_bn.norm.autograd_mode import plain_autograd as _plain_autograd
 from lightning_bn.norm.lp_function import (
     P,
@@ -107,9 +110,11 @@ class LpNorm(nn.Module):
             raise ValueError(f"lp norm needs more than 1 value per channel in training, got shape {tuple(x.shape)}")
         self.num_batches_tracked.add_(1)
         if _plain_autograd(x):  # the hand-written backwards; they also update the running estimates
+            running = (self.running_mean, self.running_stat, self.momentum)
+            if x.dim() == 2 and x.shape[0] <= kernels.LP_FLAT_MAX_ROWS and kernels.usable(x):  # one C++ op + node
+                return torch.ops.lightning_bn.lp_flat(x, self.weight, self.bias, *running, self.p == "inf", self.eps)
             function = _LpNorm1OrInfFlat if x.dim() == 2 else _LpNorm1OrInf
-            args = (self.running_mean, self.running_stat, self.momentum, self.p, self.eps)
-            return function.apply(x, self.weight, self.bias, *args)
+            return function.apply(x, self.weight, self.bias, *running, self.p, self.eps)
         y, mean, stat = lp_normalize_reference(x, self.weight, self.bias, self.p, self.eps)
         _update_running(self.running_mean, self.running_stat, mean.detach(), stat.detach(), self.momentum)
         return y

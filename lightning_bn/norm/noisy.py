@@ -13,7 +13,8 @@ batch the unit then has batch mean ``scale_c * beta_c + shift_c`` and standard d
 ``scale_c * |gamma_c|``; both move at every step although BN normalized the unit. One draw
 per unit and step, shared by the samples of the batch, is what "the distribution moves"
 means; it also folds into BatchNorm's affine map, so one fused BatchNorm kernel computes
-the layer (:mod:`lightning_bn.norm.noisy_function`).
+the layer (:mod:`lightning_bn.norm.noisy_function`; on CPU the draw, the folding and
+BatchNorm are one compiled op, :mod:`lightning_bn.norm.kernels`, with the same results).
 
 Eval mode: the noise is off, the layer is exactly BatchNorm with running statistics. The
 layers after it learned under shifted and scaled inputs that eval mode removes, so eval
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_bn.errors import ConfigError
+from lightning_bn.norm import kernels
 from lightning_bn.norm.autograd_mode import plain_autograd
 from lightning_bn.norm.batch import BatchNorm
 from lightning_bn.norm.noisy_function import _NoisyBatchNorm, fold_noise
@@ -131,14 +133,31 @@ class NoisyBatchNorm(nn.Module):
         self.num_draws += 1
         return fresh
 
+    def _compiled_forward(self, bn: BatchNorm, x: torch.Tensor) -> torch.Tensor:
+        """Draw, fold and BatchNorm (its batch count and running averages too) in one compiled op.
+        Parameters and buffers are read from the modules' dicts, not through ``Module.__getattr__``,
+        and ``num_draws`` is set without ``Module.__setattr__``: each saves about a microsecond, and
+        this layer runs on activations where BatchNorm itself takes some 40."""
+        bn._check_input_dim(x)
+        params, buffers, own = bn._parameters, bn._buffers, self._buffers
+        noise = (own["noise"], own["noise_low"], own["noise_span"], self.replay_noise)
+        running = (buffers["running_mean"], buffers["running_var"], buffers["num_batches_tracked"])
+        op = torch.ops.lightning_bn.noisy_batch_norm
+        y = op(x, params["weight"], params["bias"], *noise, *running, bn.momentum, bn.eps)
+        if not self.replay_noise:
+            self.__dict__["num_draws"] += 1  # a plain int attribute
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return self.bn(x)
         if self.replay_noise and self.num_draws == 0:
             raise RuntimeError("noisy_batch: replay_noise=True but no noise drawn yet; run a training forward first")
+        bn = self._modules["bn"]
+        if type(bn) is BatchNorm and kernels.usable(x) and plain_autograd(x):
+            return self._compiled_forward(bn, x)
         noise = self.draw_noise()
         shift, scale = noise if noise.dtype == x.dtype else noise.to(x.dtype)
-        bn = self.bn
         if type(bn) is BatchNorm:  # fold the noise into BN's affine map: one fused kernel
             bn._check_input_dim(x)
             factor = _momentum_factor(bn)
