@@ -290,3 +290,18 @@ def test_build_directory_is_per_torch_and_python_version(monkeypatch, tmp_path):
     assert f"torch{torch.__version__}" in directory.name
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "elsewhere"))
     assert kernels.build_directory(str(tmp_path)).parent == tmp_path / "elsewhere"
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [1, "inf"])
+def test_lp_flat_float32_sums_stay_accurate_over_many_rows(p):
+    """100,000 rows far from zero: per-channel sums in float32 blocks added up in double keep the
+    batch mean and statistic (and so the output) at float32 accuracy."""
+    assert kernels.available()
+    x = torch.randn(100_000, 3, dtype=torch.float64) * 0.5 + 1000
+    mean, stat = torch.zeros(3), torch.zeros(3)
+    y = torch.ops.lightning_bn.lp_flat(x.float(), None, None, mean, stat, 1.0, p == "inf", 1e-5)
+    y_ref, mean_ref, stat_ref = lp_normalize_reference(x, None, None, p, 1e-5)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(stat.double(), stat_ref, rtol=2e-3, atol=0)  # c = x - mean: 1000 * 2^-24 absolute
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=2e-3)

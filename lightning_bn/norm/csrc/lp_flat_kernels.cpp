@@ -1,6 +1,6 @@
 // lp normalization (p = 1, inf) of (N, C) activations in training mode: the forward and backward
 // kernels declared in lp_flat.h, as passes over rows with per-channel sums in float (double for
-// double inputs). The same formulas as lightning_bn/norm/lp_function.py (_LpNorm1OrInfFlat),
+// double inputs) over blocks of rows, added up in double. The same formulas as lightning_bn/norm/lp_function.py (_LpNorm1OrInfFlat),
 // which documents them; here each is a loop instead of some ten ATen ops, because on small
 // activations (an MLP's 128 x 32) the per-op dispatch, not the arithmetic, is what costs.
 #include <ATen/Dispatch.h>
@@ -12,6 +12,7 @@
 
 #include "lp_flat.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <optional>
@@ -58,6 +59,23 @@ void update_running(const std::optional<Tensor>& running, const Tensor& batch, d
     const scalar_t* bp = batch.const_data_ptr<scalar_t>();
     for (int64_t c = 0; c < r.numel(); ++c) rp[c] += static_cast<scalar_t>(momentum) * (bp[c] - rp[c]);
   });
+}
+
+// Sums over rows in blocks: each block of kBlockRows rows accumulates in acc_t (float for float
+// inputs, so the row loops vectorize) and is then added into double totals, so the rounding error
+// grows with kBlockRows + n / kBlockRows rather than n. add_rows(i0, i1) adds rows [i0, i1) into
+// acc[0, count); acc ends up holding the totals.
+constexpr int64_t kBlockRows = 256;
+
+template <typename acc_t, typename AddRows>
+void blocked_row_sums(int64_t n, acc_t* acc, int64_t count, const AddRows& add_rows) {
+  std::vector<double> total(count, 0.0);
+  for (int64_t i0 = 0; i0 < n; i0 += kBlockRows) {
+    std::fill(acc, acc + count, acc_t(0));
+    add_rows(i0, std::min(n, i0 + kBlockRows));
+    for (int64_t k = 0; k < count; ++k) total[k] += acc[k];
+  }
+  for (int64_t k = 0; k < count; ++k) acc[k] = static_cast<acc_t>(total[k]);
 }
 
 // Row kernels: one row of a (N, C) block against per-channel arrays. Separate functions because
@@ -151,16 +169,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_flat_forward(
       std::vector<acc_t> buffer(5 * width, acc_t(0));
       acc_t *acc = buffer.data(), *mu = acc + width, *top = mu + width, *bottom = top + width, *found = bottom + width;
       if (!p_inf) {  // mean, then mean |c|
-        for (int64_t i = 0; i < n; ++i) add_row(xp + i * channels + c0, acc, width);
-        for (int64_t j = 0; j < width; ++j) {
-          mu[j] = acc[j] / n;
-          acc[j] = 0;
-        }
-        for (int64_t i = 0; i < n; ++i) add_abs_centered_row(xp + i * channels + c0, mu, acc, width);
+        blocked_row_sums(n, acc, width, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) add_row(xp + i * channels + c0, acc, width);
+        });
+        for (int64_t j = 0; j < width; ++j) mu[j] = acc[j] / n;
+        blocked_row_sums(n, acc, width, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) add_abs_centered_row(xp + i * channels + c0, mu, acc, width);
+        });
         for (int64_t j = 0; j < width; ++j) acc[j] /= n;
       } else {  // mean, max and min; max |c| = max(max(x) - mu, mu - min(x)) and its first row
         for (int64_t j = 0; j < width; ++j) top[j] = bottom[j] = xp[c0 + j];
-        for (int64_t i = 0; i < n; ++i) add_extremes_row(xp + i * channels + c0, acc, top, bottom, width);
+        blocked_row_sums(n, acc, width, [&](int64_t i0, int64_t i1) {
+          for (int64_t i = i0; i < i1; ++i) add_extremes_row(xp + i * channels + c0, acc, top, bottom, width);
+        });
         for (int64_t j = 0; j < width; ++j) {
           mu[j] = acc[j] / n;
           const acc_t up = top[j] - mu[j], down = mu[j] - bottom[j];
@@ -216,10 +237,12 @@ std::tuple<Tensor, Tensor, Tensor> lp_flat_backward(
         mu[j] = meanp[c0 + j];
         kk[j] = kp[c0 + j];
       }
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t at = i * channels + c0;
-        gradient_sums_row(xp + at, gp + at, mu, sum_g, sum_gc, p_inf ? nullptr : sum_sign, width);
-      }
+      blocked_row_sums(n, sum_g, 3 * width, [&](int64_t i0, int64_t i1) {  // sum_g, sum_gc, sum_sign
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t at = i * channels + c0;
+          gradient_sums_row(xp + at, gp + at, mu, sum_g, sum_gc, p_inf ? nullptr : sum_sign, width);
+        }
+      });
       for (int64_t j = 0; j < width; ++j) {
         const int64_t ch = c0 + j;
         const acc_t s = sum_gc[j] / static_cast<acc_t>(dp[ch]);
