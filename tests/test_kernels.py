@@ -50,8 +50,8 @@ def _lp_inputs(shape, dtype, affine):
 @pytest.mark.parametrize("shape", [(2, 3), (7, 3), (300, 5), (128, 32), (40, 600)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_lp_flat_matches_the_definition(p, affine, shape, dtype):
-    """Values, running estimates and gradients of x, gamma, beta against lp_normalize_reference;
-    (40, 600) spans several parallel chunks of channels."""
+    """Values, running estimates and gradients of x, gamma, beta against lp_normalize_reference,
+    from 2 rows (the least training allows) to 300, from 3 channels to 600."""
     assert kernels.available()
     x, w, b = _lp_inputs(shape, dtype, affine)
     mean, stat = torch.full((shape[1],), 0.5, dtype=dtype), torch.full((shape[1],), 2.0, dtype=dtype)
@@ -305,3 +305,19 @@ def test_lp_flat_float32_sums_stay_accurate_over_many_rows(p):
     torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(stat.double(), stat_ref, rtol=2e-3, atol=0)  # c = x - mean: 1000 * 2^-24 absolute
     torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=2e-3)
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [1, "inf"])
+def test_lp_flat_splits_channels_across_threads(p):
+    """4 x 20,000 exceeds one task's channels (32,768 values / 4 rows): with two threads the
+    channels run in several chunks, each of which must see every row."""
+    assert kernels.available()
+    torch.set_num_threads(2)  # the autouse fixture sets one thread again for the next test
+    x, w, b = _lp_inputs((4, 20_000), torch.float64, True)
+    y = torch.ops.lightning_bn.lp_flat(x, w, b, None, None, 0.0, p == "inf", 1e-5)
+    y_ref = lp_normalize_reference(x, w, b, p, 1e-5)[0]
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(y_ref, (x, w, b), g)):
+        torch.testing.assert_close(got, want)

@@ -121,9 +121,10 @@ def _build() -> None:
         except ImportError:
             pass
     directory = build_directory(cpp_extension.get_default_build_root())
-    library = directory / f"{NAME}.so"
+    # torch renames the library (NAME_v1.so, ...) when the sources or flags change
+    built = [library.stat().st_mtime for library in directory.glob(f"{NAME}*.so")]
     newest_source = max(source.stat().st_mtime for source in [*SOURCES, CSRC / "lp_flat.h"])
-    if not library.exists() or library.stat().st_mtime < newest_source:
+    if not built or max(built) < newest_source:
         # Lightning's logger prints INFO by default (on rank 0 only): the pause is explained.
         rank_zero_info("lightning_bn: building the CPU kernels of the lp/noisy_batch norms (once per machine, ~30 s)")
     directory.mkdir(parents=True, exist_ok=True)
