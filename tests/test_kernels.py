@@ -25,6 +25,9 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
+LP_NODE = "torch::autograd::CppNode<lightning_bn::(anonymous namespace)::LpNorm>"
+
+
 @pytest.fixture
 def python_path(monkeypatch):
     """Run the norms as if the kernels were not built."""
@@ -34,7 +37,7 @@ def python_path(monkeypatch):
 @needs_compiler
 def test_the_kernels_build_on_a_machine_with_a_compiler():
     assert kernels.available(), "the C++ kernels did not build; run with LIGHTNING_BN_KERNELS=require to see why"
-    assert hasattr(torch.ops.lightning_bn, "lp_flat") and hasattr(torch.ops.lightning_bn, "noisy_batch_norm")
+    assert hasattr(torch.ops.lightning_bn, "lp_norm") and hasattr(torch.ops.lightning_bn, "noisy_batch_norm")
 
 
 def _lp_inputs(shape, dtype, affine):
@@ -47,15 +50,18 @@ def _lp_inputs(shape, dtype, affine):
 @needs_compiler
 @pytest.mark.parametrize("p", [1, "inf"])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape", [(2, 3), (7, 3), (300, 5), (128, 32), (40, 600)])
+@pytest.mark.parametrize(
+    "shape", [(2, 3), (7, 3), (300, 5), (128, 32), (40, 600), (2, 3, 1), (5, 3, 7), (6, 4, 3, 3), (4, 3, 16, 16)]
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_lp_flat_matches_the_definition(p, affine, shape, dtype):
-    """Values, running estimates and gradients of x, gamma, beta against lp_normalize_reference,
-    from 2 rows (the least training allows) to 300, from 3 channels to 600."""
+def test_lp_op_matches_the_definition(p, affine, shape, dtype):
+    """Values, running estimates and gradients of x, gamma, beta against lp_normalize_reference:
+    (N, C) activations from 2 rows (the least training allows) to 300 and from 3 channels to 600,
+    feature maps with runs shorter and longer than the kernel's 8 accumulators."""
     assert kernels.available()
     x, w, b = _lp_inputs(shape, dtype, affine)
     mean, stat = torch.full((shape[1],), 0.5, dtype=dtype), torch.full((shape[1],), 2.0, dtype=dtype)
-    y = torch.ops.lightning_bn.lp_flat(x, w, b, mean, stat, 0.25, p == "inf", 1e-5)
+    y = torch.ops.lightning_bn.lp_norm(x, w, b, mean, stat, 0.25, p == "inf", 1e-5)
     y_ref, mean_ref, stat_ref = lp_normalize_reference(x, w, b, p, 1e-5)
     tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
     torch.testing.assert_close(y, y_ref, **tol)
@@ -69,24 +75,25 @@ def test_lp_flat_matches_the_definition(p, affine, shape, dtype):
 
 @needs_compiler
 @pytest.mark.parametrize("p", [1, "inf"])
-def test_lp_flat_first_and_second_derivatives_by_finite_differences(p):
+@pytest.mark.parametrize("shape", [(6, 3), (3, 2, 3, 3)], ids=["2d", "4d"])
+def test_lp_op_first_and_second_derivatives_by_finite_differences(p, shape):
     assert kernels.available()
-    x, w, b = _lp_inputs((6, 3), torch.float64, True)
-    fn = lambda x, w, b: torch.ops.lightning_bn.lp_flat(x, w, b, None, None, 0.0, p == "inf", 1e-5)  # noqa: E731
+    x, w, b = _lp_inputs(shape, torch.float64, True)
+    fn = lambda x, w, b: torch.ops.lightning_bn.lp_norm(x, w, b, None, None, 0.0, p == "inf", 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x, w, b))
     assert torch.autograd.gradgradcheck(fn, (x, w, b))
-    no_affine = lambda x: torch.ops.lightning_bn.lp_flat(x, None, None, None, None, 0.0, p == "inf", 1e-5)  # noqa: E731
+    no_affine = lambda x: torch.ops.lightning_bn.lp_norm(x, None, None, None, None, 0.0, p == "inf", 1e-5)  # noqa: E731
     assert torch.autograd.gradcheck(no_affine, (x,))
     assert torch.autograd.gradgradcheck(no_affine, (x,))
 
 
 @needs_compiler
-def test_lp_flat_inf_backpropagates_through_the_first_extreme_row_by_hand():
+def test_lp_op_inf_backpropagates_through_the_first_extreme_row_by_hand():
     """One channel, x = (0, 1, 5): mean 2, c = (-2, -1, 3), d = max|c| = 3 at row 2 (eps 0).
     With g = (1, 0, 0): S = sum(g c / d) = -2/3, dx = (1/d)(g - mean(g) - S (u - mean(u))), u = (0, 0, 1)."""
     assert kernels.available()
     x = torch.tensor([[0.0], [1.0], [5.0]], dtype=torch.float64, requires_grad=True)
-    y = torch.ops.lightning_bn.lp_flat(x, None, None, None, None, 0.0, True, 0.0)
+    y = torch.ops.lightning_bn.lp_norm(x, None, None, None, None, 0.0, True, 0.0)
     torch.testing.assert_close(y, torch.tensor([[-2.0], [-1.0], [3.0]], dtype=torch.float64) / 3)
     (dx,) = torch.autograd.grad(y, x, torch.tensor([[1.0], [0.0], [0.0]], dtype=torch.float64))
     s, u = -2 / 3, torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
@@ -95,12 +102,12 @@ def test_lp_flat_inf_backpropagates_through_the_first_extreme_row_by_hand():
 
 
 @needs_compiler
-def test_lp_flat_takes_non_contiguous_input_and_gradient():
+def test_lp_op_takes_non_contiguous_input_and_gradient():
     assert kernels.available()
     base = torch.randn(5, 9, dtype=torch.float64)
     x = base.t().requires_grad_()  # (9, 5), not contiguous
     w, b = torch.ones(5, dtype=torch.float64, requires_grad=True), torch.zeros(5, dtype=torch.float64)
-    y = torch.ops.lightning_bn.lp_flat(x, w, b, None, None, 0.0, False, 1e-5)
+    y = torch.ops.lightning_bn.lp_norm(x, w, b, None, None, 0.0, False, 1e-5)
     g = torch.randn(5, 9, dtype=torch.float64).t()
     y_ref = lp_normalize_reference(x, w, b, 1, 1e-5)[0]
     torch.testing.assert_close(y, y_ref)
@@ -118,7 +125,7 @@ def test_lp_layer_on_1d_activations_uses_the_op_and_equals_the_python_path(p, mo
     python = copy.deepcopy(compiled)
     x = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
     y = compiled(x)
-    assert "LpFlat" in y.grad_fn.name()
+    assert y.grad_fn.name() == LP_NODE
     monkeypatch.setattr(kernels, "_loaded", False)
     y_py = python(x)
     assert "LpNorm1OrInfFlat" in y_py.grad_fn.name()
@@ -132,6 +139,30 @@ def test_lp_layer_on_1d_activations_uses_the_op_and_equals_the_python_path(p, mo
     monkeypatch.setattr(kernels, "_loaded", True)
     monkeypatch.setattr(kernels, "LP_FLAT_MAX_ROWS", 8)
     assert "LpNorm1OrInfFlat" in compiled(x).grad_fn.name()
+
+
+@needs_compiler
+@pytest.mark.parametrize("p", [1, "inf"])
+def test_lp_layer_on_feature_maps_uses_the_op_where_it_is_faster(p, monkeypatch):
+    """p = 1 on maps of LP_MAPS_MIN_SPATIAL positions or more: the op, with the Python Function's
+    values, gradients and running estimates; smaller maps and p = inf: the Python Function."""
+    assert kernels.available()
+    compiled = create_norm("lp", 3, p=p).double()
+    python = copy.deepcopy(compiled)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    y = compiled(x)
+    assert (y.grad_fn.name() == LP_NODE) == (p == 1)
+    assert "LpNorm1OrInfBackward" in compiled(x[:, :, :4, :4]).grad_fn.name()
+    monkeypatch.setattr(kernels, "_loaded", False)
+    y_py = python(x)
+    python(x[:, :, :4, :4])
+    torch.testing.assert_close(y, y_py)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *compiled.parameters()], g)
+    for got, want in zip(grads, torch.autograd.grad(y_py, [x, *python.parameters()], g)):
+        torch.testing.assert_close(got, want)
+    for name in ("running_mean", "running_stat", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(python, name))
 
 
 @needs_compiler
@@ -243,7 +274,7 @@ def test_kernels_are_used_only_for_cpu_float_tensors_outside_compile():
 def test_python_path_runs_without_the_kernels(python_path):
     for norm, kwargs in [("lp", {"p": 1}), ("lp", {"p": "inf"}), ("noisy_batch", {})]:
         y = create_norm(norm, 3, **kwargs)(torch.randn(8, 3, requires_grad=True))
-        assert "LpFlat" not in y.grad_fn.name() and "lightning_bn" not in y.grad_fn.name()
+        assert "CppNode" not in y.grad_fn.name() and "lightning_bn" not in y.grad_fn.name()
 
 
 def test_off_mode_never_builds(monkeypatch):
@@ -294,13 +325,13 @@ def test_build_directory_is_per_torch_and_python_version(monkeypatch, tmp_path):
 
 @needs_compiler
 @pytest.mark.parametrize("p", [1, "inf"])
-def test_lp_flat_float32_sums_stay_accurate_over_many_rows(p):
+def test_lp_op_float32_sums_stay_accurate_over_many_rows(p):
     """100,000 rows far from zero: per-channel sums in float32 blocks added up in double keep the
     batch mean and statistic (and so the output) at float32 accuracy."""
     assert kernels.available()
     x = torch.randn(100_000, 3, dtype=torch.float64) * 0.5 + 1000
     mean, stat = torch.zeros(3), torch.zeros(3)
-    y = torch.ops.lightning_bn.lp_flat(x.float(), None, None, mean, stat, 1.0, p == "inf", 1e-5)
+    y = torch.ops.lightning_bn.lp_norm(x.float(), None, None, mean, stat, 1.0, p == "inf", 1e-5)
     y_ref, mean_ref, stat_ref = lp_normalize_reference(x, None, None, p, 1e-5)
     torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=0)
     torch.testing.assert_close(stat.double(), stat_ref, rtol=2e-3, atol=0)  # c = x - mean: 1000 * 2^-24 absolute
@@ -309,13 +340,13 @@ def test_lp_flat_float32_sums_stay_accurate_over_many_rows(p):
 
 @needs_compiler
 @pytest.mark.parametrize("p", [1, "inf"])
-def test_lp_flat_splits_channels_across_threads(p):
+def test_lp_op_splits_channels_across_threads(p):
     """4 x 20,000 exceeds one task's channels (32,768 values / 4 rows): with two threads the
     channels run in several chunks, each of which must see every row."""
     assert kernels.available()
     torch.set_num_threads(2)  # the autouse fixture sets one thread again for the next test
     x, w, b = _lp_inputs((4, 20_000), torch.float64, True)
-    y = torch.ops.lightning_bn.lp_flat(x, w, b, None, None, 0.0, p == "inf", 1e-5)
+    y = torch.ops.lightning_bn.lp_norm(x, w, b, None, None, 0.0, p == "inf", 1e-5)
     y_ref = lp_normalize_reference(x, w, b, p, 1e-5)[0]
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)

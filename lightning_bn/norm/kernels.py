@@ -6,8 +6,9 @@ dispatch per op; the lp and noisy norms need 10-20 of them and end up 2-2.5x slo
 BatchNorm. The C++ sources in ``csrc/`` do each training forward and backward in one call
 and one autograd node written in C++ (``benchmarks/norm_speed.py`` prints the ratios):
 
-* ``torch.ops.lightning_bn.lp_flat``: lp with p = 1 or inf on ``(N, C)`` activations, equal to
-  the Python path up to float rounding (sums in another order);
+* ``torch.ops.lightning_bn.lp_norm``: lp with p = 1 or inf on ``(N, C, ...)`` inputs, equal to
+  the Python path up to float rounding (sums in another order); the layer calls it for ``(N, C)``
+  activations and for p = 1 on feature maps of 8x8 and more, where it is the faster path;
 * ``torch.ops.lightning_bn.noisy_batch_norm``: noisy BatchNorm on any ``(N, C, ...)`` input,
   bit-identical to the Python path (same ATen calls, same random numbers).
 
@@ -44,9 +45,10 @@ ENV = "LIGHTNING_BN_KERNELS"
 NAME = "lightning_bn_kernels"
 MODES = ("auto", "off", "require")
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("lp_flat_kernels.cpp", "lp_flat_op.cpp", "noisy_batch_norm.cpp")]
+SOURCES = [CSRC / name for name in ("lp_flat_kernels.cpp", "lp_maps_kernels.cpp", "lp_op.cpp", "noisy_batch_norm.cpp")]
 _DTYPES = (torch.float32, torch.float64)
-LP_FLAT_MAX_ROWS = 1 << 24  # lp_flat keeps row indices in the input's float type: exact up to 2^24
+LP_MAPS_MIN_SPATIAL = 64  # lp_norm on feature maps: faster than the Python path from 8x8 up (p = 1)
+LP_FLAT_MAX_ROWS = 1 << 24  # lp_norm on (N, C) keeps row indices in the input's float type: exact to 2^24
 
 # None: not tried yet; True: torch.ops.lightning_bn holds the ops; False: Python path only.
 _loaded: bool | None = None
@@ -123,7 +125,7 @@ def _build() -> None:
     directory = build_directory(cpp_extension.get_default_build_root())
     # torch renames the library (NAME_v1.so, ...) when the sources or flags change
     built = [library.stat().st_mtime for library in directory.glob(f"{NAME}*.so")]
-    newest_source = max(source.stat().st_mtime for source in [*SOURCES, CSRC / "lp_flat.h"])
+    newest_source = max(source.stat().st_mtime for source in [*SOURCES, CSRC / "lp_kernels.h"])
     if not built or max(built) < newest_source:
         # Lightning's logger prints INFO by default (on rank 0 only): the pause is explained.
         rank_zero_info("lightning_bn: building the CPU kernels of the lp/noisy_batch norms (once per machine, ~30 s)")

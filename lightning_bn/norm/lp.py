@@ -14,9 +14,9 @@ p = 2, s is updated with Bessel's correction m/(m - 1) exactly as BatchNorm's ru
 
 Speed: p = 2 calls PyTorch's fused BatchNorm kernel. p = 1 and inf use hand-written
 backwards (:mod:`lightning_bn.norm.lp_function`: one for feature maps, one for ``(N, C)``
-activations); on CPU, ``(N, C)`` activations go through a compiled kernel instead
-(:mod:`lightning_bn.norm.kernels`, Python fallback); ``benchmarks/norm_speed.py`` prints the
-ratio to BatchNorm. Under
+activations); on CPU, ``(N, C)`` activations and p = 1 on large feature maps go through a
+compiled op instead (:mod:`lightning_bn.norm.kernels`, Python fallback);
+``benchmarks/norm_speed.py`` prints the ratio to BatchNorm. Under
 ``create_graph=True`` (double backward) and under ``torch.func`` transforms the
 plain-autograd definition :func:`lp_normalize_reference` is differentiated instead, so
 Hessian-vector products work.
@@ -54,6 +54,16 @@ def _parse_p(p: object) -> P:
     if p in (1, 2) and not isinstance(p, bool):
         return int(p)  # type: ignore[return-value]
     raise ConfigError(f"norm 'lp': p must be 1, 2 or 'inf', got {p!r}")
+
+
+def _compiled_is_faster(x: torch.Tensor, p: P) -> bool:
+    """Where ``benchmarks/norm_speed.py`` measured the compiled op faster than the Python Functions:
+    ``(N, C)`` activations (up to 2^24 rows), and feature maps for p = 1 with at least
+    :data:`kernels.LP_MAPS_MIN_SPATIAL` positions (VGG's 32x32 to 8x8: 0.8-1.0 x BatchNorm instead
+    of 1.1-1.4). On smaller maps, and for p = inf, the Python path's BatchNorm kernels are faster."""
+    if x.dim() == 2:
+        return x.shape[0] <= kernels.LP_FLAT_MAX_ROWS
+    return p == 1 and x.numel() // (x.shape[0] * x.shape[1]) >= kernels.LP_MAPS_MIN_SPATIAL
 
 
 @register_norm("lp")
@@ -111,8 +121,8 @@ class LpNorm(nn.Module):
         self.num_batches_tracked.add_(1)
         if _plain_autograd(x):  # the hand-written backwards; they also update the running estimates
             running = (self.running_mean, self.running_stat, self.momentum)
-            if x.dim() == 2 and x.shape[0] <= kernels.LP_FLAT_MAX_ROWS and kernels.usable(x):  # one C++ op + node
-                return torch.ops.lightning_bn.lp_flat(x, self.weight, self.bias, *running, self.p == "inf", self.eps)
+            if _compiled_is_faster(x, self.p) and kernels.usable(x):  # one C++ op and autograd node
+                return torch.ops.lightning_bn.lp_norm(x, self.weight, self.bias, *running, self.p == "inf", self.eps)
             function = _LpNorm1OrInfFlat if x.dim() == 2 else _LpNorm1OrInf
             return function.apply(x, self.weight, self.bias, *running, self.p, self.eps)
         y, mean, stat = lp_normalize_reference(x, self.weight, self.bias, self.p, self.eps)

@@ -1,5 +1,5 @@
 // lp normalization (p = 1, inf) of (N, C) activations in training mode: the forward and backward
-// kernels declared in lp_flat.h, as passes over rows with per-channel sums in float (double for
+// kernels declared in lp_kernels.h, as passes over rows with per-channel sums in float (double for
 // double inputs) over blocks of rows, added up in double. The same formulas as lightning_bn/norm/lp_function.py (_LpNorm1OrInfFlat),
 // which documents them; here each is a loop instead of some ten ATen ops, because on small
 // activations (an MLP's 128 x 32) the per-op dispatch, not the arithmetic, is what costs.
@@ -10,7 +10,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 
-#include "lp_flat.h"
+#include "lp_kernels.h"
 
 #include <algorithm>
 #include <cmath>

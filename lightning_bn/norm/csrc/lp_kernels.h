@@ -1,5 +1,6 @@
-// lp normalization (p = 1, inf) of (N, C) CPU activations in training mode: the kernels
-// (lp_flat_kernels.cpp) behind the autograd op lightning_bn::lp_flat (lp_flat_op.cpp).
+// lp normalization (p = 1, inf) of CPU tensors in training mode: the kernels for (N, C)
+// activations (lp_flat_kernels.cpp) and for (N, C, ...) feature maps (lp_maps_kernels.cpp)
+// behind the autograd op lightning_bn::lp_norm (lp_op.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,5 +23,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lp_flat_f
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lp_flat_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& d,
     const at::Tensor& k, const at::Tensor& row, bool p_inf);
+
+// The same for feature maps (N, C, *spatial); for p = inf the position of max |x - mean| is a
+// flat index n * L + l within the channel (L = the spatial size).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lp_maps_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_stat, double momentum,
+    bool p_inf, double eps);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lp_maps_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, const at::Tensor& d,
+    const at::Tensor& k, const at::Tensor& where, bool p_inf);
 
 }  // namespace lightning_bn
