@@ -265,6 +265,14 @@ def test_layers_run_under_no_grad_and_inference_mode(norm, kwargs):
     assert layer.num_batches_tracked.item() == 2 if norm == "lp" else layer.bn.num_batches_tracked.item() == 2
 
 
+@needs_compiler
+def test_the_ops_refuse_non_cpu_tensors_with_an_error_not_a_crash():
+    assert kernels.available()
+    for shape in [(4, 3), (4, 3, 2, 2)]:
+        with pytest.raises(RuntimeError, match="CPU kernel got a tensor on meta"):
+            torch.ops.lightning_bn.lp_norm(torch.zeros(shape, device="meta"), None, None, None, None, 0.1, False, 1e-5)
+
+
 def test_kernels_are_used_only_for_cpu_float_tensors_outside_compile():
     assert not kernels.usable(torch.zeros(2, 2, device="meta"))
     assert not kernels.usable(torch.zeros(2, 2, dtype=torch.float16))

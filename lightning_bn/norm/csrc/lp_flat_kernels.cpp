@@ -213,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> lp_flat_backward(
     const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& d, const Tensor& k,
     const Tensor& row, bool p_inf) {
   check_input(input);
+  TORCH_CHECK(grad_output.device().is_cpu(), "lp_flat_backward: CPU tensors only");
   const Tensor x = input.contiguous();
   const Tensor g = grad_output.scalar_type() == x.scalar_type() ? grad_output.contiguous()
                                                                 : grad_output.contiguous().to(x.scalar_type());

@@ -115,6 +115,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_maps_forward(
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_stat, double momentum,
     bool p_inf, double eps) {
   TORCH_CHECK(input.dim() >= 3, "lp_maps: expected an (N, C, ...) feature map, got ", input.dim(), " dimensions");
+  TORCH_CHECK(input.device().is_cpu(), "lp_maps: CPU kernel got a tensor on ", input.device());
   const Tensor x = input.contiguous();
   const int64_t n = x.size(0), channels = x.size(1), len = x.numel() / std::max<int64_t>(n * channels, 1);
   TORCH_CHECK(n * len >= 2, "lp_maps: needs at least 2 values per channel in training");
@@ -186,6 +187,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_maps_forward(
 std::tuple<Tensor, Tensor, Tensor> lp_maps_backward(
     const Tensor& grad_output, const Tensor& input, const Tensor& mean, const Tensor& d, const Tensor& k,
     const Tensor& where, bool p_inf) {
+  TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), "lp_maps_backward: CPU tensors only");
   const Tensor x = input.contiguous();
   const Tensor g = grad_output.contiguous().to(x.scalar_type());
   TORCH_CHECK(g.sizes() == x.sizes(), "lp_maps_backward: gradient shape ", g.sizes(), " != input ", x.sizes());
