@@ -17,6 +17,7 @@ from torch import nn
 
 import lightning_bn.norm.kernels as kernels
 from lightning_bn import MLP
+from lightning_bn.errors import ConfigError
 from lightning_bn.norm import create_norm
 from lightning_bn.norm.lp import lp_normalize_reference
 
@@ -318,7 +319,7 @@ def test_require_mode_raises_on_a_failed_build(monkeypatch):
 def test_a_bad_mode_names_the_variable_and_the_choices(monkeypatch):
     monkeypatch.setenv(kernels.ENV, "fast")
     match = "LIGHTNING_BN_KERNELS='fast' is not allowed; choose one of: auto, off, require"
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         kernels.mode()
 
 

@@ -41,6 +41,8 @@ from pathlib import Path
 import torch
 from pytorch_lightning.utilities import rank_zero_info
 
+from lightning_bn.errors import ConfigError
+
 ENV = "LIGHTNING_BN_KERNELS"
 NAME = "lightning_bn_kernels"
 MODES = ("auto", "off", "require")
@@ -58,7 +60,7 @@ def mode() -> str:
     """The ``LIGHTNING_BN_KERNELS`` setting, checked: one of :data:`MODES`."""
     value = os.environ.get(ENV, "auto").strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV}={value!r} is not allowed; choose one of: {', '.join(MODES)}")
+        raise ConfigError(f"{ENV}={value!r} is not allowed; choose one of: {', '.join(MODES)}")
     return value
 
 
