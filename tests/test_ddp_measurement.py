@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, DistributedSampler
 
 from callbacks import ActivationStatsCallback, ICSCallback, MeasurementCallback
-from tests._tiny_modules import TinyConvNet, image_loader
+from tests._tiny_modules import EndProcessGroup, TinyConvNet, image_loader
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
@@ -59,6 +59,7 @@ def _run(tmp_path, devices: int) -> tuple[dict[str, dict[int, float]], EventAccu
             ICSCallback(every_n_steps=1),
             ActivationStatsCallback(every_n_steps=1),
             SampleLoss(every_n_steps=1),
+            *([EndProcessGroup()] if devices > 1 else []),
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,
