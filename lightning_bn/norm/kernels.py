@@ -8,7 +8,7 @@ and one autograd node written in C++ (``benchmarks/norm_speed.py`` prints the ra
 
 * ``torch.ops.lightning_bn.lp_norm``: lp with p = 1 or inf on ``(N, C, ...)`` inputs, equal to
   the Python path up to float rounding (sums in another order); the layer calls it for ``(N, C)``
-  activations and for p = 1 on feature maps of 8x8 and more, where it is the faster path;
+  activations and for p = 1 on feature maps of 8x8 and more, where it is not the slower path;
 * ``torch.ops.lightning_bn.noisy_batch_norm``: noisy BatchNorm on any ``(N, C, ...)`` input,
   bit-identical to the Python path (same ATen calls, same random numbers).
 
@@ -49,7 +49,7 @@ MODES = ("auto", "off", "require")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lp_flat_kernels.cpp", "lp_maps_kernels.cpp", "lp_op.cpp", "noisy_batch_norm.cpp")]
 _DTYPES = (torch.float32, torch.float64)
-LP_MAPS_MIN_SPATIAL = 64  # lp_norm on feature maps: faster than the Python path from 8x8 up (p = 1)
+LP_MAPS_MIN_SPATIAL = 64  # lp_norm on feature maps (p = 1): not slower than the Python path from 8x8 up
 LP_FLAT_MAX_ROWS = 1 << 24  # lp_norm on (N, C) keeps row indices in the input's float type: exact to 2^24
 
 # None: not tried yet; True: torch.ops.lightning_bn holds the ops; False: Python path only.

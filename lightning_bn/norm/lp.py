@@ -59,8 +59,9 @@ def _parse_p(p: object) -> P:
 def _compiled_is_faster(x: torch.Tensor, p: P) -> bool:
     """Where ``benchmarks/norm_speed.py`` measured the compiled op faster than the Python Functions:
     ``(N, C)`` activations (up to 2^24 rows), and feature maps for p = 1 with at least
-    :data:`kernels.LP_MAPS_MIN_SPATIAL` positions (VGG's 32x32 to 8x8: 0.8-1.0 x BatchNorm instead
-    of 1.1-1.4). On smaller maps, and for p = inf, the Python path's BatchNorm kernels are faster."""
+    :data:`kernels.LP_MAPS_MIN_SPATIAL` positions (VGG's 32x32 and 16x16: 0.8-1.0 x BatchNorm instead
+    of 1.3-1.4; 8x8 about equal). On smaller maps, and for p = inf, the Python path's BatchNorm
+    kernels are faster (4x4: 1.1 against 2.4)."""
     if x.dim() == 2:
         return x.shape[0] <= kernels.LP_FLAT_MAX_ROWS
     return p == 1 and x.numel() // (x.shape[0] * x.shape[1]) >= kernels.LP_MAPS_MIN_SPATIAL
