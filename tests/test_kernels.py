@@ -116,6 +116,19 @@ def test_lp_op_takes_non_contiguous_input_and_gradient():
         torch.testing.assert_close(got, want)
 
 
+def _assert_same_layer_results(x, compiled_run, python_run):
+    """Two lp layers (the op, the Python Function) that ran on x: same outputs, gradients of x and
+    of the parameters, running estimates and batch counts."""
+    (y, compiled), (y_py, python) = compiled_run, python_run
+    torch.testing.assert_close(y, y_py)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *compiled.parameters()], g)
+    for got, want in zip(grads, torch.autograd.grad(y_py, [x, *python.parameters()], g)):
+        torch.testing.assert_close(got, want)
+    for name in ("running_mean", "running_stat", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(compiled, name), getattr(python, name))
+
+
 @needs_compiler
 @pytest.mark.parametrize("p", [1, "inf"])
 def test_lp_layer_on_1d_activations_uses_the_op_and_equals_the_python_path(p, monkeypatch):
@@ -130,13 +143,7 @@ def test_lp_layer_on_1d_activations_uses_the_op_and_equals_the_python_path(p, mo
     monkeypatch.setattr(kernels, "_loaded", False)
     y_py = python(x)
     assert "LpNorm1OrInfFlat" in y_py.grad_fn.name()
-    torch.testing.assert_close(y, y_py)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *compiled.parameters()], g)
-    for got, want in zip(grads, torch.autograd.grad(y_py, [x, *python.parameters()], g)):
-        torch.testing.assert_close(got, want)
-    for name in ("running_mean", "running_stat", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(compiled, name), getattr(python, name))
+    _assert_same_layer_results(x, (y, compiled), (y_py, python))
     monkeypatch.setattr(kernels, "_loaded", True)
     monkeypatch.setattr(kernels, "LP_FLAT_MAX_ROWS", 8)
     assert "LpNorm1OrInfFlat" in compiled(x).grad_fn.name()
@@ -157,13 +164,7 @@ def test_lp_layer_on_feature_maps_uses_the_op_where_it_is_faster(p, monkeypatch)
     monkeypatch.setattr(kernels, "_loaded", False)
     y_py = python(x)
     python(x[:, :, :4, :4])
-    torch.testing.assert_close(y, y_py)
-    g = torch.randn_like(y)
-    grads = torch.autograd.grad(y, [x, *compiled.parameters()], g)
-    for got, want in zip(grads, torch.autograd.grad(y_py, [x, *python.parameters()], g)):
-        torch.testing.assert_close(got, want)
-    for name in ("running_mean", "running_stat", "num_batches_tracked"):
-        torch.testing.assert_close(getattr(compiled, name), getattr(python, name))
+    _assert_same_layer_results(x, (y, compiled), (y_py, python))
 
 
 @needs_compiler

@@ -25,40 +25,11 @@ using at::Tensor;
 
 namespace {
 
-// Channels per parallel task: small inputs stay on one thread (a task costs microseconds).
-int64_t channel_grain(int64_t rows) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(rows, 1)); }
-
 void check_input(const Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "lp_flat: expected an (N, C) input, got ", x.dim(), " dimensions");
   TORCH_CHECK(x.device().is_cpu(), "lp_flat: CPU kernel got a tensor on ", x.device());
   TORCH_CHECK(x.size(0) >= 2, "lp_flat: needs at least 2 rows in training, got ", x.size(0));
   TORCH_CHECK(x.size(0) <= (1 << 24), "lp_flat: more than 2^24 rows; the Python path handles them");
-}
-
-// sign(v) in arithmetic without branches, so the loops over channels vectorize.
-template <typename T>
-T sign_of(T v) {
-  return static_cast<T>(v > T(0)) - static_cast<T>(v < T(0));
-}
-
-Tensor flat_param(const std::optional<Tensor>& t, const Tensor& x) {
-  if (!t.has_value() || !t->defined()) return Tensor();
-  return t->scalar_type() == x.scalar_type() ? t->contiguous() : t->contiguous().to(x.scalar_type());
-}
-
-// running = (1 - momentum) running + momentum batch, as BatchNorm's kernel does in its forward.
-void update_running(const std::optional<Tensor>& running, const Tensor& batch, double momentum) {
-  if (!running.has_value() || !running->defined()) return;
-  Tensor r = *running;
-  if (r.scalar_type() != batch.scalar_type() || !r.is_contiguous()) {
-    r.lerp_(batch.to(r.scalar_type()), momentum);
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "lp_flat_update_running", [&] {
-    scalar_t* rp = r.mutable_data_ptr<scalar_t>();
-    const scalar_t* bp = batch.const_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < r.numel(); ++c) rp[c] += static_cast<scalar_t>(momentum) * (bp[c] - rp[c]);
-  });
 }
 
 // Sums over rows in blocks: each block of kBlockRows rows accumulates in acc_t (float for float
@@ -145,6 +116,27 @@ void input_gradient_row(const scalar_t* __restrict__ xr, const scalar_t* __restr
 
 }  // namespace
 
+Tensor param_as(const std::optional<Tensor>& t, const Tensor& x) {
+  if (!t.has_value() || !t->defined()) return Tensor();
+  return t->scalar_type() == x.scalar_type() ? t->contiguous() : t->contiguous().to(x.scalar_type());
+}
+
+void update_running(const std::optional<Tensor>& running, const Tensor& batch, double momentum) {
+  if (!running.has_value() || !running->defined()) return;
+  Tensor r = *running;
+  if (r.scalar_type() != batch.scalar_type() || !r.is_contiguous()) {
+    r.lerp_(batch.to(r.scalar_type()), momentum);
+    return;
+  }
+  AT_DISPATCH_FLOATING_TYPES(r.scalar_type(), "lp_update_running", [&] {  // C values: a loop, not an ATen op
+    scalar_t* rp = r.mutable_data_ptr<scalar_t>();
+    const scalar_t* bp = batch.const_data_ptr<scalar_t>();
+    const auto w = static_cast<scalar_t>(momentum);
+    for (int64_t c = 0; c < r.numel(); ++c)  // torch's lerp: exact at both ends of the weight
+      rp[c] = w < scalar_t(0.5) ? rp[c] + w * (bp[c] - rp[c]) : bp[c] - (bp[c] - rp[c]) * (scalar_t(1) - w);
+  });
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_flat_forward(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const std::optional<Tensor>& running_mean, const std::optional<Tensor>& running_stat, double momentum,
@@ -155,7 +147,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_flat_forward(
   Tensor y = at::empty_like(x);
   Tensor per_channel = at::empty({4, channels}, x.options());  // rows: mean, d, k, stat
   Tensor row = at::empty({p_inf ? channels : 0}, x.options().dtype(at::kLong));
-  const Tensor w = flat_param(weight, x), b = flat_param(bias, x);
+  const Tensor w = param_as(weight, x), b = param_as(bias, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lp_flat_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -249,14 +241,8 @@ std::tuple<Tensor, Tensor, Tensor> lp_flat_backward(
         const acc_t s = sum_gc[j] / static_cast<acc_t>(dp[ch]);
         out[ch] = static_cast<scalar_t>(s);
         out[channels + ch] = static_cast<scalar_t>(sum_g[j]);
-        if (!p_inf) {  // dx = k g + k (S mean(sign) / m - mean(g)) - (k S / m) sign
-          lin[j] = kk[j] * s / n;
-          cst[j] = lin[j] * sum_sign[j] / n - kk[j] * sum_g[j] / n;
-        } else {  // dx = k g + k (S u / m - mean(g)), minus k S u at the argmax row (u = its sign)
-          const acc_t u = sign_of(static_cast<acc_t>(xp[rowp[ch] * channels + ch]) - mu[j]);
-          lin[j] = kk[j] * s * u;
-          cst[j] = (lin[j] - kk[j] * sum_g[j]) / n;
-        }
+        const acc_t u = p_inf ? sign_of(static_cast<acc_t>(xp[rowp[ch] * channels + ch]) - mu[j]) : acc_t(0);
+        input_gradient_coefficients<acc_t>(p_inf, kk[j], s, n, sum_g[j], sum_sign[j], u, lin[j], cst[j]);
       }
       for (int64_t i = 0; i < n; ++i) {
         const int64_t at = i * channels + c0;

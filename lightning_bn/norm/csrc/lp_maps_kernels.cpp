@@ -25,11 +25,6 @@ namespace {
 
 constexpr int kLanes = 8;  // independent accumulators per run: a vector's worth or two
 
-template <typename T>
-T sign_of(T v) {
-  return static_cast<T>(v > T(0)) - static_cast<T>(v < T(0));
-}
-
 // sum(run), sum(|run - mu|): lanes of partial sums, then the tail.
 template <typename scalar_t, typename acc_t>
 acc_t run_sum(const scalar_t* __restrict__ run, int64_t len) {
@@ -104,10 +99,6 @@ void run_gradient_sums(const scalar_t* __restrict__ x, const scalar_t* __restric
   }
 }
 
-int64_t channel_grain(int64_t values_per_channel) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(values_per_channel, 1));
-}
-
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_maps_forward(
@@ -122,15 +113,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_maps_forward(
   Tensor y = at::empty_like(x);
   Tensor per_channel = at::empty({4, channels}, x.options());  // rows: mean, d, k, stat
   Tensor where = at::empty({p_inf ? channels : 0}, x.options().dtype(at::kLong));  // flat index in the channel
-  const bool has_w = weight.has_value() && weight->defined(), has_b = bias.has_value() && bias->defined();
-  const Tensor w = has_w ? weight->contiguous().to(x.scalar_type()) : Tensor();
-  const Tensor b = has_b ? bias->contiguous().to(x.scalar_type()) : Tensor();
+  const Tensor w = param_as(weight, x), b = param_as(bias, x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "lp_maps_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const scalar_t* wp = has_w ? w.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* bp = has_b ? b.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = per_channel.mutable_data_ptr<scalar_t>();
     int64_t* wherep = p_inf ? where.mutable_data_ptr<int64_t>() : nullptr;
     const double m = static_cast<double>(n * len);
@@ -179,8 +168,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lp_maps_forward(
       }
     });
   });
-  if (running_mean.has_value() && running_mean->defined()) running_mean->lerp_(per_channel[0], momentum);
-  if (running_stat.has_value() && running_stat->defined()) running_stat->lerp_(per_channel[3], momentum);
+  update_running(running_mean, per_channel[0], momentum);
+  update_running(running_stat, per_channel[3], momentum);
   return {y, per_channel[0], per_channel[1], per_channel[2], where};
 }
 
@@ -214,16 +203,11 @@ std::tuple<Tensor, Tensor, Tensor> lp_maps_backward(
         const double s = sum_gc / static_cast<double>(dp[c]);
         out[c] = static_cast<scalar_t>(s);
         out[channels + c] = static_cast<scalar_t>(sum_g);
+        // the argmax's offset in x (p = inf): sample wherep[c] / len, position wherep[c] % len
+        const int64_t argmax = p_inf ? ((wherep[c] / len) * channels + c) * len + wherep[c] % len : 0;
+        const double u = p_inf ? sign_of(static_cast<acc_t>(xp[argmax]) - mu) : 0.0;
         double lin, cst;
-        if (!p_inf) {  // dx = k g + k (S mean(sign) / m - mean(g)) - (k S / m) sign
-          lin = kk * s / m;
-          cst = lin * sum_sign / m - kk * sum_g / m;
-        } else {  // dx = k g + k (S u / m - mean(g)), minus k S u at the argmax (u = its sign)
-          const int64_t at = ((wherep[c] / len) * channels + c) * len + wherep[c] % len;
-          const acc_t u = sign_of(static_cast<acc_t>(xp[at]) - mu);
-          lin = kk * s * u;
-          cst = (lin - kk * sum_g) / m;
-        }
+        input_gradient_coefficients<double>(p_inf, kk, s, m, sum_g, sum_sign, u, lin, cst);
         const acc_t lin_a = static_cast<acc_t>(lin), cst_a = static_cast<acc_t>(cst);
         for (int64_t i = 0; i < n; ++i) {
           const int64_t at = (i * channels + c) * len;
@@ -237,7 +221,7 @@ std::tuple<Tensor, Tensor, Tensor> lp_maps_backward(
             for (int64_t l = 0; l < len; ++l) dr[l] = static_cast<scalar_t>(kk * gr[l] + cst_a);
           }
         }
-        if (p_inf) dxp[((wherep[c] / len) * channels + c) * len + wherep[c] % len] -= static_cast<scalar_t>(lin);
+        if (p_inf) dxp[argmax] -= static_cast<scalar_t>(lin);
       }
     });
   });
