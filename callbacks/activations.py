@@ -87,7 +87,8 @@ class ActivationStatsCallback(MeasurementCallback):
 
     Cost: no extra forward or backward; per measured step and layer, one pass over the
     activation for the moments (and a copy of it kept until the step ends, for histograms).
-    A layer called several times per step is measured at its first call.
+    A layer called several times per batch is measured at its first call; under gradient
+    accumulation the statistics are those of all micro-batches of the step together.
     """
 
     reevaluates_loss = False
@@ -134,6 +135,7 @@ class ActivationStatsCallback(MeasurementCallback):
         self._moments: dict[str, Tensor] = {}
         self._values: dict[str, Tensor] = {}
         self._previous: dict[str, tuple[Tensor, Tensor]] = {}
+        self._seen: set[str] = set()
 
     def state_key_fields(self) -> dict[str, Any]:
         return {**super().state_key_fields(), "layers": self.layers, "position": self.position}
@@ -167,25 +169,42 @@ class ActivationStatsCallback(MeasurementCallback):
 
     def _hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._armed or is_measuring() or name in self._moments:
+            if not self._armed or is_measuring() or name in self._seen:
                 return
             x = args[0] if self.position == "input" else output
             if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
                 return
+            self._seen.add(name)
             with torch.no_grad():
-                self._moments[name] = unit_moments(x)
+                # Under gradient accumulation the step's batch is the union of its micro-batches:
+                # moments add up, values are concatenated.
+                moments = unit_moments(x)
+                previous = self._moments.get(name)
+                same = previous is not None and previous.shape == moments.shape
+                self._moments[name] = previous + moments if same else moments
                 if self._keep_values:
-                    self._values[name] = x.detach().clone()
+                    values = x.detach().reshape(-1).clone()
+                    self._values[name] = torch.cat([self._values[name], values]) if same else values
 
         return hook
 
     def on_measured_step_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         self._moments, self._values, self._armed = {}, {}, True
 
+    def on_micro_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        self._seen: set[str] = set()  # layers already measured in this micro-batch (first call counts)
+        self._armed = True
+
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        keys = [f"activations/{name}/{stat}" for name in self._names for stat in ("mean", "std")]
+        drift = [f"activations/{name}/{stat}" for name in self._previous for stat in ("mean_drift", "std_drift")]
+        return keys + drift
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        # also when nothing was measured (the optimizer did not step): never observe validation
-        self._armed, self._moments, self._values = False, {}, {}
+        self._armed = False  # never observe validation, also between micro-batches of a step
+        if self._pending is None:  # measured, or nothing to measure
+            self._moments, self._values = {}, {}
 
     # -- the measurement ----------------------------------------------------------------
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:

@@ -11,17 +11,24 @@ A subclass declares what it needs from the training step and implements :meth:`m
 
 What the base does for every subclass (see docs/measurement-core.md):
 
-* ``on_train_batch_start``: decides from ``trainer.global_step`` (= ``t``) and the
+* ``on_train_batch_start``: decides from step ``t`` (``trainer.global_step``; with manual
+  optimization the batch count, see :mod:`callbacks.training_loop`) and the
   :class:`~callbacks.schedule.Schedule` whether step ``t`` is measured ("should measure
   now" is separate from "measure"); if so keeps the batch and captures every RNG stream.
+  Under gradient accumulation every micro-batch of step ``t`` is kept.
 * ``on_before_optimizer_step``: copies ``W_t`` (``needs_params_t``), ``g_t`` = ``p.grad``
   as training used it, already all-reduced by DDP (``needs_grads_t``), and the learning rates.
-* ``on_train_batch_end`` (live parameters are ``W_{t+1}``): calls :meth:`measure` with a
-  :class:`~callbacks.context.StepContext`, under a guard that restores every RNG stream;
-  writes the returned scalars to every logger at step ``t``. Non-finite values are written
-  as nan/inf with a single warning. In one process an exception inside ``measure`` becomes
-  a :class:`MeasurementWarning` and training continues; under DDP it is re-raised, because a
-  rank that skipped a collective would hang the others.
+  (Manual optimization: ``W_t`` is copied at batch start and ``g_t`` is the gradient of
+  ``measurement_loss`` at ``W_t``, computed at batch end.)
+* ``on_train_batch_end`` of the step's last micro-batch (live parameters are ``W_{t+1}``):
+  calls :meth:`measure` with a :class:`~callbacks.context.StepContext`, under a guard that
+  restores every RNG stream; writes the returned scalars to every logger at step ``t``.
+  Non-finite values are written as nan/inf with a single warning; if training diverged
+  (non-finite loss, parameters or g_t), :meth:`measure` is skipped and every key of
+  :meth:`expected_keys` is written as nan, with one warning naming the cause. In one process
+  an exception inside ``measure`` becomes a :class:`MeasurementWarning` (nan written) and
+  training continues; under DDP it is re-raised, because a rank that skipped a collective
+  would hang the others.
 * ``state_dict``: the schedule, the last measured step and :meth:`extra_state`, so a resumed
   run measures at the same steps with the same history.
 
@@ -40,21 +47,35 @@ silenced and torchmetrics states restored. Manual optimization needs ``measureme
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
+import lightning_fabric
+import lightning_utilities
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import Tensor
 
-from callbacks.context import StepContext
-from callbacks.distributed import is_global_zero, world_size
+from callbacks.context import MicroBatch, StepContext, extract_loss
+from callbacks.distributed import all_reduce_mean, is_global_zero, world_size
+from callbacks.finite import NonFiniteError, non_finite_names
 from callbacks.guards import measuring
 from callbacks.rng import RNGState, preserved_rng
 from callbacks.schedule import Schedule
+from callbacks.training_loop import (
+    accumulating,
+    all_lrs,
+    max_accumulation,
+    noise_sources,
+    steps_done,
+    supports_noise_state,
+)
 from callbacks.writers import histogram_stats, tensorboard_writer, write_scalars
 
 BNMode = Literal["train", "eval"]
@@ -63,6 +84,34 @@ BN_MODES = ("train", "eval")
 
 class MeasurementWarning(UserWarning):
     """A measurement could not run as asked; training continues. Filter with this class."""
+
+
+# Frames of these packages are not "the user's code": a warning about the user's setup points
+# at the first frame outside them (their trainer.fit(...) or Trainer(...) line).
+_LIBRARY_DIRS = tuple(
+    os.path.dirname(os.path.abspath(f)) + os.sep
+    for f in (__file__, pl.__file__, torch.__file__, lightning_fabric.__file__, lightning_utilities.__file__)
+)
+_LIBRARY_FILES = frozenset({contextlib.__file__, contextlib.__file__.removesuffix("c")})
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` for ``warnings.warn`` called from the caller of this function that
+    attributes the warning to the first frame outside the callbacks, Lightning and torch."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_LIBRARY_DIRS) or frame.f_code.co_filename in _LIBRARY_FILES
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _loss_of(outputs: Any) -> Tensor | None:
+    """The training loss in what ``on_train_batch_end`` received (None if there is none)."""
+    try:
+        return extract_loss(outputs).detach()
+    except TypeError:
+        return None
 
 
 class MeasurementCallback(pl.Callback):
@@ -115,6 +164,10 @@ class MeasurementCallback(pl.Callback):
         """Called in ``on_train_batch_start`` of a measured step, before ``training_step``
         (e.g. arm forward hooks that observe the training forward)."""
 
+    def on_micro_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int) -> None:
+        """Called before ``training_step`` of every micro-batch of a measured step (index 0 right
+        after :meth:`on_measured_step_start`; 1, 2, ... under gradient accumulation)."""
+
     def measure(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext
     ) -> Mapping[str, float | Tensor] | None:
@@ -137,7 +190,8 @@ class MeasurementCallback(pl.Callback):
 
     # ------------------------------------------------------------ helpers for subclasses --
     def measures_step(self, step: int) -> bool:
-        """Whether training step ``step`` (``trainer.global_step`` at batch start) is measured;
+        """Whether training step ``step`` (``trainer.global_step`` at batch start; the batch index
+        with manual optimization) is measured;
         the schedule by default. Override to add conditions (e.g. epoch-only measurements)."""
         return self.schedule.should_measure(step)
 
@@ -151,14 +205,15 @@ class MeasurementCallback(pl.Callback):
         None, so only measurements that bring their own data (a fixed sample) can run here.
         Every rank must call it (collectives).
 
-        Values are written at ``step`` (default ``trainer.global_step - 1``: the step whose update
+        Values are written at ``step`` (default ``t - 1`` for ``t`` the steps taken so far,
+        ``trainer.global_step`` or, with manual optimization, batches: the step whose update
         produced these parameters, as a scheduled measurement of step t sees W_{t+1}).
         Returns the written scalars (also in :attr:`last_values`).
         """
         if step is None:
-            step = max(trainer.global_step - 1, 0)
+            step = max(steps_done(trainer) - 1, 0)
         ctx = StepContext(trainer, pl_module, step, None, 0, bn_mode=self.bn_mode, rng=RNGState.capture())
-        ctx.lrs_t = [float(group["lr"]) for optimizer in trainer.optimizers for group in optimizer.param_groups]
+        ctx.lrs_t = all_lrs(trainer)
         self._measure_and_write(trainer, pl_module, ctx)
         return dict(self.last_values)
 
@@ -167,7 +222,7 @@ class MeasurementCallback(pl.Callback):
         if key not in self._warned:
             self._warned.add(key)
             if is_global_zero():
-                warnings.warn(f"{type(self).__name__}: {message}", MeasurementWarning, stacklevel=2)
+                warnings.warn(f"{type(self).__name__}: {message}", MeasurementWarning, stacklevel=user_stacklevel())
 
     def training_sample(self, trainer: pl.Trainer, num_batches: int) -> list[Any]:
         """The first ``num_batches`` batches of a fresh pass over ``trainer.train_dataloader``,
@@ -228,11 +283,6 @@ class MeasurementCallback(pl.Callback):
         if stage != "fit":
             return
         name = type(self).__name__
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"{name} needs accumulate_grad_batches=1 (the step's batch is the measured batch), "
-                f"got {trainer.accumulate_grad_batches}"
-            )
         strategy = trainer.strategy
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, DeepSpeedStrategy):
             raise ValueError(
@@ -244,6 +294,14 @@ class MeasurementCallback(pl.Callback):
                 raise ValueError(
                     f"{name} re-evaluates the loss; with manual optimization training_step steps the optimizer, "
                     "so define measurement_loss(self, batch, batch_idx) -> Tensor on the LightningModule"
+                )
+        if self.reevaluates_loss and max_accumulation(trainer) > 1:
+            lacking = [type(m).__name__ for m in noise_sources(pl_module) if not supports_noise_state(m)]
+            if lacking:
+                raise ValueError(
+                    f"{name}: gradient accumulation needs each noise source's realization per micro-batch, "
+                    f"but {sorted(set(lacking))} define no noise_state()/load_noise_state(state) "
+                    "(see the noise replay protocol)"
                 )
         if self.uses_tensorboard and tensorboard_writer(trainer) is None:
             self.warn_once(
@@ -261,20 +319,39 @@ class MeasurementCallback(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        step = steps_done(trainer)
+        ctx = self._pending
+        micro = MicroBatch(batch, batch_idx, RNGState.capture())
+        if ctx is not None and ctx.step == step and ctx.lrs_t is None and pl_module.automatic_optimization:
+            ctx.micro_batches.append(micro)  # the next micro-batch of an accumulated step
+            self.on_micro_batch_start(trainer, pl_module, len(ctx.micro_batches) - 1)
+            return
         self._pending = None
-        step = trainer.global_step
         if not self.measures_step(step):
             return
-        self._pending = StepContext(
-            trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=RNGState.capture()
-        )
+        if pl_module.automatic_optimization and batch_idx % trainer.accumulate_grad_batches != 0:
+            # step t began before this callback could see its first micro-batch (e.g. a resume
+            # inside an accumulation window): measuring the rest would pair part of the data with g_t
+            self.warn_once("mid-window", f"step {step} began before its first micro-batch was seen; not measured")
+            return
+        ctx = StepContext(trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=micro.rng)
+        ctx.micro_batches.append(micro)
+        if not pl_module.automatic_optimization:
+            # Manual optimization: the measured step is the batch. W_t = the parameters at batch
+            # start, before any of the module's optimizers moved them; g_t is computed at batch end.
+            if self.needs_params_t or self.needs_grads_t:
+                with torch.no_grad():
+                    ctx.params_t = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+            ctx.lrs_t = all_lrs(trainer)
+        self._pending = ctx
         self.on_measured_step_start(trainer, pl_module, step)
+        self.on_micro_batch_start(trainer, pl_module, 0)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         ctx = self._pending
-        if ctx is None:
+        if ctx is None or not pl_module.automatic_optimization:
             return
         with torch.no_grad():
             if self.needs_params_t:
@@ -286,16 +363,28 @@ class MeasurementCallback(pl.Callback):
                     if p.requires_grad
                 }
         ctx.lrs_t = [float(group["lr"]) for group in optimizer.param_groups]
+        # Lightning divides every micro-batch's loss by accumulate_grad_batches (also in a
+        # shorter last window of an epoch), so the step's loss is that scaled sum.
+        ctx.loss_scale = 1.0 / trainer.accumulate_grad_batches
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        ctx, self._pending = self._pending, None
+        ctx = self._pending
         if ctx is None:
             return
-        if ctx.lrs_t is None:  # same on every rank: the optimizer did not step
+        ctx.train_loss = _loss_of(outputs)
+        if pl_module.automatic_optimization and ctx.lrs_t is None:
+            if accumulating(trainer):  # keep this micro-batch's noise realization for the replay
+                ctx.micro_batches[-1].noise = {m: m.noise_state() for m in ctx._modules("noise")}
+                return
+            self._pending = None  # same on every rank: the optimizer did not step
             self.warn_once("no-step", f"the optimizer did not step at step {ctx.step}; nothing measured")
             return
+        self._pending = None
+        if not pl_module.automatic_optimization and self.needs_grads_t and ctx.params_t is not None:
+            if self._finite_cause(pl_module, ctx) is None:
+                _, ctx.grads_t = ctx.loss_and_grad(ctx.params_t)
         self._measure_and_write(trainer, pl_module, ctx)
 
     def _measure_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> None:
@@ -303,28 +392,69 @@ class MeasurementCallback(pl.Callback):
             # The training step drew nothing from NumPy/Python: replaying them is a no-op,
             # skip it (the measurement boundary below still restores every stream).
             ctx.rng = ctx.rng.torch_only()
+            for mb in ctx.micro_batches:
+                mb.rng = mb.rng.torch_only()
         values: Mapping[str, float | Tensor] | None = None
-        with preserved_rng(), measuring():
-            try:
-                values = self.measure(trainer, pl_module, ctx)
-            except Exception as err:
-                if world_size() > 1:
-                    raise
-                self.warn_once(
-                    f"error-{type(err).__name__}",
-                    f"measurement at step {ctx.step} failed ({err!r}); training continues",
-                )
+        cause = self._finite_cause(pl_module, ctx)
+        if cause is None:
+            with preserved_rng(), measuring():
+                try:
+                    values = self.measure(trainer, pl_module, ctx)
+                except NonFiniteError as err:
+                    cause = str(err)
+                except Exception as err:
+                    if world_size() > 1:
+                        raise
+                    self.warn_once(
+                        f"error-{type(err).__name__}",
+                        f"measurement at step {ctx.step} failed ({err!r}); logged as nan, training continues",
+                    )
+                    values = self._nan_values(pl_module)
+        if cause is not None:
+            values = self._nan_values(pl_module)
+            self.warn_once(
+                "diverged",
+                f"{cause} at step {ctx.step}: the measurement is logged as nan from here on while it lasts "
+                "(training continues; warned once)",
+            )
+        elif values:
+            self._known_keys = list(values)
         self.last_measured_step = ctx.step
-        self._write(trainer, values or {}, ctx.step)
+        self._write(trainer, values or {}, ctx.step, quiet=cause is not None)
 
-    def _write(self, trainer: pl.Trainer, values: Mapping[str, float | Tensor], step: int) -> None:
+    def _finite_cause(self, pl_module: pl.LightningModule, ctx: StepContext) -> str | None:
+        """Why step ``ctx.step`` cannot be measured meaningfully (training diverged), or None.
+
+        The same answer on every rank: parameters and g_t are identical across DDP ranks, the
+        training loss is reduced first."""
+        loss = getattr(ctx, "train_loss", None)
+        if loss is not None and world_size() > 1:
+            loss = all_reduce_mean(loss.detach().double())
+        if loss is not None and not bool(torch.isfinite(loss)):
+            return f"non-finite training loss ({float(loss):g})"
+        for label, tensors in (("parameters", ctx.named_live()), ("W_t", ctx.params_t), ("g_t", ctx.grads_t)):
+            bad = non_finite_names(tensors)
+            if bad:
+                return f"non-finite {label} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        return None
+
+    def _nan_values(self, pl_module: pl.LightningModule) -> dict[str, float]:
+        return dict.fromkeys(self.expected_keys(pl_module), float("nan"))
+
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        """The keys a measurement writes, so that one that cannot run (diverged training) writes
+        nan at every one of them. Default: the keys of the last successful measurement;
+        subclasses that know their keys beforehand override it."""
+        return list(getattr(self, "_known_keys", []))
+
+    def _write(self, trainer: pl.Trainer, values: Mapping[str, float | Tensor], step: int, quiet: bool = False) -> None:
         scalars = {k: float(v.detach().double()) if isinstance(v, Tensor) else float(v) for k, v in values.items()}
         bad = [k for k, v in scalars.items() if not math.isfinite(v)]
-        if bad:
+        if bad and not quiet:
             self.warn_once(
                 "non-finite",
-                f"non-finite value(s) at step {step} ({', '.join(bad[:3])}...); logged as nan/inf, "
-                "training continues (warned once)",
+                f"non-finite value(s) at step {step} ({', '.join(bad[:3])}...) from finite parameters and loss; "
+                "logged as nan/inf, training continues (warned once)",
             )
         self.last_values = scalars
         write_scalars(trainer, scalars, step)

@@ -22,6 +22,10 @@ How a loss is evaluated (the protocols every callback relies on):
   realization, do not advance its own state) and its previous value back afterwards.
 * Gradients come from ``torch.autograd.grad``: ``.grad`` is never touched and DDP's
   gradient hooks never fire; loss and gradient are averaged over ranks here instead.
+* Gradient accumulation: a step of k micro-batches (``accumulate_grad_batches``) is
+  measured on all of them. "The step's loss" is then (1/k) sum_j L(W; micro-batch j), as
+  Lightning scales it, each micro-batch with its own RNG state, batch statistics and noise
+  realization, so its gradient at W_t is the g_t the optimizer used.
 """
 
 from __future__ import annotations
@@ -54,13 +58,27 @@ _NO_BATCH = object()
 
 
 @dataclass
+class MicroBatch:
+    """One training batch of a measured step: what ``training_step`` received, the RNG streams
+    when it started and (with several micro-batches) each noise source's realization after its
+    training forward (``noise``: module -> ``noise_state()``; None for the last micro-batch,
+    whose realization is the live one)."""
+
+    batch: Any
+    batch_idx: int
+    rng: RNGState
+    noise: dict[Any, Any] | None = None
+
+
+@dataclass
 class StepContext:
     """One measured training step.
 
     Attributes:
         trainer, pl_module: the running Trainer and LightningModule (``trainer`` may be None
             when a context is built by hand, e.g. in tests).
-        step: ``t`` = ``trainer.global_step`` when the batch started.
+        step: ``t`` = ``trainer.global_step`` when the batch started (with manual optimization:
+            the batches completed before it; :mod:`callbacks.training_loop`).
         batch, batch_idx: the training batch of step ``t`` as ``training_step`` received it.
         bn_mode: the callback's BN mode, the default of every evaluation below.
         rng: all RNG streams as they were at ``on_train_batch_start`` of step ``t``.
@@ -69,6 +87,11 @@ class StepContext:
             where ``.grad`` was None), read in ``on_before_optimizer_step`` (after DDP's
             all-reduce, before clipping and before the optimizer step), if the callback asked.
         lrs_t: learning rate of every optimizer param group used for the step ``t`` update.
+        micro_batches: every training batch of step ``t`` (one unless gradients are
+            accumulated; ``batch``/``batch_idx``/``rng`` are the first's).
+        loss_scale: the factor of each micro-batch's loss in the step's loss (1/k under
+            accumulation, as Lightning scales it).
+        train_loss: the loss ``training_step`` returned for the step's last batch, if any.
     Live parameters (``pl_module.parameters()``) are ``W_{t+1}`` when ``measure`` runs.
     """
 
@@ -82,6 +105,9 @@ class StepContext:
     params_t: dict[str, Tensor] | None = None
     grads_t: dict[str, Tensor] | None = None
     lrs_t: list[float] | None = None
+    micro_batches: list[MicroBatch] = field(default_factory=list)
+    loss_scale: float = 1.0
+    train_loss: Tensor | None = None
     _trainable: list[str] | None = field(default=None, repr=False)
     _param_cache: dict[str, Tensor] | None = field(default=None, repr=False)
     _module_cache: dict[str, list[Any]] | None = field(default=None, repr=False)
@@ -121,16 +147,42 @@ class StepContext:
             yield self._loss_fn
 
     def _loss_fn(self, batch: Any = _NO_BATCH, batch_idx: int | None = None) -> Tensor:
+        if batch is _NO_BATCH and batch_idx is None and self.accumulated:
+            return self._accumulated_loss()
         ((batch, batch_idx),) = self._batches(batch, batch_idx, None)
+        return self._one_loss(batch, batch_idx, self.rng)
+
+    def _one_loss(self, batch: Any, batch_idx: int, rng: RNGState) -> Tensor:
         module = self.pl_module
         precision = (
             self.trainer.precision_plugin.train_step_context() if self.trainer is not None else contextlib.nullcontext()
         )
         buffers, metrics = self._modules("buffers"), self._modules("metrics")
-        with replayed_rng(self.rng), buffers_isolated(module, buffers), metrics_preserved(module, metrics), precision:
+        with replayed_rng(rng), buffers_isolated(module, buffers), metrics_preserved(module, metrics), precision:
             hook = getattr(module, "measurement_loss", None)
             out = hook(batch, batch_idx) if callable(hook) else self._training_step(batch, batch_idx)
         return extract_loss(out)
+
+    @property
+    def accumulated(self) -> bool:
+        """Whether the step's loss is a scaled sum over several micro-batches (accumulation)."""
+        return len(self.micro_batches) > 1 or self.loss_scale != 1.0
+
+    def _accumulated_loss(self) -> Tensor:
+        """(1/k) sum_j L(micro-batch j): each with its RNG state and noise realization of training."""
+        sources = self._modules("noise")
+        live = {m: m.noise_state() for m in sources} if len(self.micro_batches) > 1 else {}
+        total: Tensor | None = None
+        try:
+            for mb in self.micro_batches:
+                for m, state in (mb.noise or live).items():
+                    m.load_noise_state(state)
+                term = self._one_loss(mb.batch, mb.batch_idx, mb.rng) * self.loss_scale
+                total = term if total is None else total + term
+        finally:
+            for m, state in live.items():
+                m.load_noise_state(state)
+        return total
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
         if self._takes_batch_idx is None:  # as Lightning decides (training_step(batch) is allowed)
@@ -145,6 +197,10 @@ class StepContext:
         """The live parameter tensors named ``names`` (for ``torch.autograd.grad``)."""
         params = self._named()
         return [params[n] for n in names]
+
+    def named_live(self) -> dict[str, Tensor]:
+        """The live parameters by name (``W_{t+1}`` while ``measure`` runs)."""
+        return dict(self._named())
 
     def _named(self) -> dict[str, Tensor]:
         if self._param_cache is None:
@@ -215,6 +271,8 @@ class StepContext:
     def _batches(self, batch: Any, batch_idx: int | None, batches: Sequence[Any] | None) -> list[tuple[Any, int]]:
         if batches is None:
             if batch is _NO_BATCH:
+                if batch_idx is None and self.accumulated:  # the step's loss over its micro-batches
+                    return [(_NO_BATCH, None)]
                 return [(self.batch, self.batch_idx if batch_idx is None else batch_idx)]
             return [(batch, 0 if batch_idx is None else batch_idx)]
         if batch is not _NO_BATCH:

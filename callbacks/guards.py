@@ -9,6 +9,7 @@ the measurement contract; :mod:`callbacks.context` composes them.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -31,12 +32,24 @@ def is_measuring() -> bool:
 
 @contextmanager
 def measuring() -> Iterator[None]:
+    """Mark a measurement (see :func:`is_measuring`). The outermost one also runs every
+    ``torch.compile``d function of the model eagerly: a measurement re-evaluates the model with
+    hooks, swapped parameters and double backward, which dynamo would retrace or refuse (hooks
+    mutate modules it tracks; inductor's donated buffers forbid ``create_graph``), and the eager
+    module computes the same function."""
     global _MEASURING
+    stance = _eager_stance() if _MEASURING == 0 else contextlib.nullcontext()
     _MEASURING += 1
     try:
-        yield
+        with stance:
+            yield
     finally:
         _MEASURING -= 1
+
+
+def _eager_stance() -> contextlib.AbstractContextManager:
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from torch import Tensor
 from callbacks.base import BNMode
 from callbacks.context import StepContext
 from callbacks.distributed import all_reduce_mean
+from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hessian_math import block_matvec, hutchinson_trace, lanczos, power_iteration
 from callbacks.hvp import HessianVectorProduct
@@ -156,6 +157,11 @@ class HessianCallback(FixedSampleMeasurement):
                 return all_reduce_mean(local(v))  # the Hessian of the global sample (equal shards)
 
             like = local.grad
+            # the same decision on every rank: reduce before looking
+            start_loss = all_reduce_mean(torch.tensor(local.loss, dtype=torch.float64, device=like.device))
+            if not bool(torch.isfinite(start_loss)) or not bool(torch.isfinite(all_reduce_mean(like)).all()):
+                local.release()
+                raise NonFiniteError(f"non-finite loss or gradient on the fixed sample (loss {float(start_loss):g})")
             # the global sample's gradient: the same start vector on every rank
             wants_start = self.start == "gradient" and self.method == "lanczos" and (self.top_k or self.per_layer)
             start_vector = all_reduce_mean(like) if wants_start else None
@@ -183,6 +189,19 @@ class HessianCallback(FixedSampleMeasurement):
             local.release()
         values["hessian/num_hvps"] = torch.tensor(float(products[0]), dtype=torch.float64)
         return values
+
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        keys = ["hessian/top_eigenvalue"] if self.top_k else []
+        if self.top_k > 1:
+            keys += [f"hessian/eigenvalue_{i + 1}" for i in range(self.top_k)]
+        if self.trace:
+            keys += ["hessian/trace", "hessian/trace_stderr"]
+        if self.per_layer:
+            names = [n for n, p in pl_module.named_parameters() if p.requires_grad]
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            for layer in self._blocks(names, params):
+                keys += ([f"hessian/{layer}/trace"] if self.trace else []) + [f"hessian/{layer}/top_eigenvalue"]
+        return keys + ["hessian/num_hvps"]
 
     def _eigenvalues(
         self, matvec, like: Tensor, k: int, generator: torch.Generator, start: Tensor | None

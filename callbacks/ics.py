@@ -163,6 +163,9 @@ class ICSCallback(MeasurementCallback):
             values[f"ics/{layer}/l2_diff"], values[f"ics/{layer}/cosine"] = l2, cosine
         return values
 
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        return [f"ics/{layer}/{stat}" for layer in self._layer_params for stat in ("l2_diff", "cosine")]
+
     def _forward_order(self, trace: ForwardTrace) -> list[str]:
         never = float("inf")
 

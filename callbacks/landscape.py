@@ -129,9 +129,25 @@ class LandscapeCallback(MeasurementCallback):
 
     # -- checks before training ------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.step_sizes is None and len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"LandscapeCallback: lr_multipliers need one learning rate, but the module has "
+                f"{len(trainer.optimizers)} optimizers (manual optimization); pass absolute step_sizes"
+            )
         if self.step_sizes is None:
             for optimizer in trainer.optimizers:
                 _single_lr([float(group["lr"]) for group in optimizer.param_groups])
+
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        keys = [PREFIX + k for k in SUMMARY_KEYS]
+        if self.log_each_step_size:
+            labels = (
+                [f"eta_{eta:g}" for eta in self.step_sizes]
+                if self.step_sizes is not None
+                else [f"lr_x{m:g}" for m in self.lr_multipliers]
+            )
+            keys += [f"{PREFIX}{kind}/{label}" for label in labels for kind in ("loss", "grad_diff")]
+        return keys
 
     # -- the measurement -----------------------------------------------------------------
     def step_size_grid(self, lrs: Sequence[float]) -> tuple[float, ...]:

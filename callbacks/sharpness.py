@@ -13,6 +13,7 @@ minima of their network F1. The math is in :mod:`callbacks.keskar_math`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from callbacks.base import BNMode
 from callbacks.context import StepContext
+from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hvp import flatten, unflatten
 from callbacks.keskar_math import METHODS, RandomSubspace, keskar_sharpness
@@ -121,11 +123,19 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
         like = ctx.parameters(names)
         x = flatten([p.detach() for p in like]).clone()
 
-        def value_and_grad(w: Tensor) -> tuple[float, Tensor]:
+        def evaluate(w: Tensor) -> tuple[float, Tensor]:
             params = dict(zip(names, unflatten(w, like)))
             loss, grads = ctx.loss_and_grad(params, wrt=names, batches=sample)
             return float(loss), flatten([grads[n] for n in names])
 
+        start_loss, start_grad = evaluate(x)  # reduced: the same on every rank
+
+        def value_and_grad(w: Tensor) -> tuple[float, Tensor]:
+            # every maximizer starts at y = 0, i.e. at x: reuse that evaluation
+            return (start_loss, start_grad.clone()) if torch.equal(w, x) else evaluate(w)
+
+        if not math.isfinite(start_loss) or not bool(torch.isfinite(start_grad).all()):
+            raise NonFiniteError(f"non-finite loss or gradient on the fixed sample (loss {start_loss:g})")
         subspace = self._get_subspace(x)
         values: dict[str, Tensor] = {}
         for eps in self.epsilons:
@@ -135,6 +145,10 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
             values[f"{key}_at_bound"] = torch.tensor(result.at_bound, dtype=torch.float64)
             values["sharpness/loss"] = torch.tensor(result.loss, dtype=torch.float64)
         return values
+
+    def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
+        keys = [sharpness_key(eps, self.subspace_dim) for eps in self.epsilons]
+        return [k for key in keys for k in (key, f"{key}_at_bound")] + ["sharpness/loss"]
 
     def _get_subspace(self, x: Tensor) -> RandomSubspace | None:
         if self.subspace_dim is None:

@@ -61,6 +61,13 @@ class ReplayNoise(nn.Module):
         scale, shift = self._last
         return x * scale + shift
 
+    def noise_state(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The last realization (the protocol's per-micro-batch replay under accumulation)."""
+        return self._last
+
+    def load_noise_state(self, state: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self._last = state
+
 
 def make_norm(norm: str, features: int) -> nn.Module:
     if norm == "none":

@@ -233,10 +233,17 @@ def test_a_failing_measurement_warns_and_training_continues():
 
 
 def test_setup_rejects_what_cannot_work():
-    probe = AtWt()
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        make_trainer(callbacks=[probe], accumulate_grad_batches=2, logger=RecordingLogger()).fit(
-            TinyClassifier(), classification_loader()
+    class OpaqueNoise(torch.nn.Module):  # replays its noise, but cannot hand out one per micro-batch
+        replay_noise = False
+
+        def forward(self, x):
+            return x
+
+    noisy = TinyClassifier()
+    noisy.net.append(OpaqueNoise())
+    with pytest.raises(ValueError, match=r"accumulation.*\['OpaqueNoise'\].*noise_state"):
+        make_trainer(callbacks=[AtWt()], accumulate_grad_batches=2, logger=RecordingLogger()).fit(
+            noisy, classification_loader()
         )
 
     class Manual(TinyClassifier):

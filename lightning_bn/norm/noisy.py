@@ -116,6 +116,17 @@ class NoisyBatchNorm(nn.Module):
     def extra_repr(self) -> str:
         return f"mean_range={self.mean_range}, scale_range={self.scale_range}, replay_noise={self.replay_noise}"
 
+    def noise_state(self) -> torch.Tensor:
+        """A copy of the last realization: under gradient accumulation a measurement keeps one
+        per micro-batch and replays each with its own micro-batch (replay protocol)."""
+        return self._buffers["noise"].clone()
+
+    def load_noise_state(self, state: torch.Tensor) -> None:
+        """Make ``state`` (from :meth:`noise_state`) the last realization. In place, so that the
+        buffer stays the object DDP and the compiled op hold."""
+        with torch.no_grad():
+            self._buffers["noise"].copy_(state)
+
     def draw_noise(self) -> torch.Tensor:
         """One training forward's use of the global RNG: a new realization, or (replay) a discarded
         draw of the same size. Returns the realization in use as a fresh (2, C) tensor and keeps
