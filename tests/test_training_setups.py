@@ -104,7 +104,10 @@ def test_setup_is_measured_exactly_and_not_changed(setup):
     make_model, kwargs = SETUPS[setup]
     reference, ref_log = _fit(make_model, kwargs, [])
     probe = AtWt()
-    others = [ICSCallback(every_n_steps=1), LandscapeCallback(every_n_steps=1, step_sizes=[0.01, 0.1], figure_every_n_steps=None)]
+    others = [
+        ICSCallback(every_n_steps=1),
+        LandscapeCallback(every_n_steps=1, step_sizes=[0.01, 0.1], figure_every_n_steps=None),
+    ]
     model, log = _fit(make_model, kwargs, [probe, *others])
     assert len(probe.errors) == 4
     # bf16 rounds the loss to 8 bits of mantissa: the same autocast gives the same rounding
