@@ -31,6 +31,7 @@ from callbacks.base import BNMode, MeasurementCallback
 from callbacks.context import StepContext
 from callbacks.distributed import all_reduce_sum
 from callbacks.guards import is_measuring
+from callbacks.validation import check_bool, check_choice, check_names, fail
 
 _TORCH_NORMS: tuple[type, ...] = (
     nn.modules.batchnorm._NormBase,
@@ -113,18 +114,12 @@ class ActivationStatsCallback(MeasurementCallback):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
+        owner = type(self).__name__
         if bn_mode != "train":
-            raise ValueError(
-                f"bn_mode must be 'train' for ActivationStatsCallback (it reads the training forward), got {bn_mode!r}"
-            )
-        if layers is not None and (
-            isinstance(layers, str) or not layers or not all(isinstance(name, str) and name for name in layers)
-        ):
-            raise ValueError(f"layers must be None or a non-empty list of module names, got {layers!r}")
-        if position not in ("input", "output"):
-            raise ValueError(f"position must be 'input' or 'output', got {position!r}")
-        if not isinstance(histograms, bool):
-            raise ValueError(f"histograms must be True or False, got {histograms!r}")
+            fail(owner, "bn_mode", bn_mode, "must be 'train' (the statistics are those of the training forward)")
+        check_names(owner, "layers", layers)
+        check_choice(owner, "position", position, ("input", "output"))
+        check_bool(owner, "histograms", histograms)
         self.layers = None if layers is None else list(layers)
         self.position = position
         self.histograms = histograms

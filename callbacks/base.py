@@ -76,6 +76,7 @@ from callbacks.training_loop import (
     steps_done,
     supports_noise_state,
 )
+from callbacks.validation import CallbackArgumentError, check_choice
 from callbacks.writers import histogram_stats, tensorboard_writer, write_scalars
 
 BNMode = Literal["train", "eval"]
@@ -145,9 +146,11 @@ class MeasurementCallback(pl.Callback):
         bn_mode: BNMode = "train",
     ) -> None:
         super().__init__()
-        self.schedule = Schedule(every_n_steps, start_step, end_step, log_points_per_decade)
-        if bn_mode not in BN_MODES:
-            raise ValueError(f"bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
+        try:
+            self.schedule = Schedule(every_n_steps, start_step, end_step, log_points_per_decade)
+        except CallbackArgumentError as err:  # name this callback, not the Schedule
+            raise err.for_owner(type(self).__name__) from None
+        check_choice(type(self).__name__, "bn_mode", bn_mode, BN_MODES)
         self.bn_mode: BNMode = bn_mode
         self.last_measured_step: int | None = None
         #: the scalars of the last measurement (also handy without any logger)

@@ -22,13 +22,9 @@ from pytorch_lightning.utilities.data import extract_batch_size
 
 from callbacks.base import BNMode, MeasurementCallback
 from callbacks.distributed import world_size
+from callbacks.validation import check_bool, check_int, fail
 
 DEFAULT_NUM_SAMPLES = 2048
-
-
-def _check_optional_int(name: str, value: Any, minimum: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
 
 
 class FixedSampleMeasurement(MeasurementCallback):
@@ -64,7 +60,8 @@ class FixedSampleMeasurement(MeasurementCallback):
         log_points_per_decade: int | None = None,
         bn_mode: BNMode = "eval",
     ) -> None:
-        _check_optional_int("every_n_steps", every_n_steps, 1)
+        owner = type(self).__name__
+        check_int(owner, "every_n_steps", every_n_steps, 1, optional=True)
         super().__init__(
             every_n_steps or 1,
             start_step=start_step,
@@ -72,17 +69,15 @@ class FixedSampleMeasurement(MeasurementCallback):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
-        _check_optional_int("num_samples", num_samples, 1)
-        _check_optional_int("num_batches", num_batches, 1)
+        check_int(owner, "num_samples", num_samples, 1, optional=True)
+        check_int(owner, "num_batches", num_batches, 1, optional=True)
         if num_samples is not None and num_batches is not None:
-            raise ValueError(
-                f"give num_samples or num_batches, not both (got num_samples={num_samples}, num_batches={num_batches})"
-            )
-        _check_optional_int("every_n_epochs", every_n_epochs, 1)
-        if not isinstance(at_train_end, bool):
-            raise ValueError(f"at_train_end must be True or False, got {at_train_end!r}")
+            fail(owner, "num_batches", num_batches, f"must be None with num_samples={num_samples} (give one, not both)")
+        check_int(owner, "every_n_epochs", every_n_epochs, 1, optional=True)
+        check_bool(owner, "at_train_end", at_train_end)
         if every_n_epochs is None and every_n_steps is None and not at_train_end:
-            raise ValueError("every_n_epochs=None, every_n_steps=None, at_train_end=False: nothing would be measured")
+            rule = "must be True when every_n_epochs and every_n_steps are None (nothing would be measured)"
+            fail(owner, "at_train_end", at_train_end, rule)
         self.num_samples, self.num_batches = num_samples, num_batches
         self.every_n_epochs, self.at_train_end, self.every_n_steps = every_n_epochs, at_train_end, every_n_steps
         self._measured_global_step: int | None = None

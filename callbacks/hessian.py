@@ -26,16 +26,12 @@ from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hessian_math import block_matvec, hutchinson_trace, lanczos, power_iteration
 from callbacks.hvp import HessianVectorProduct
+from callbacks.validation import check_any_int, check_bool, check_choice, check_int, check_number, fail
 
 Method = Literal["lanczos", "power"]
 METHODS = ("lanczos", "power")
 Start = Literal["gradient", "random"]
 STARTS = ("gradient", "random")
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def layer_of(param_name: str) -> str:
@@ -115,22 +111,17 @@ class HessianCallback(FixedSampleMeasurement):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+        owner = type(self).__name__
+        check_int(owner, "top_k", top_k, 0)
         for name, flag in (("trace", trace), ("per_layer", per_layer), ("cache_graph", cache_graph)):
-            if not isinstance(flag, bool):
-                raise ValueError(f"{name} must be True or False, got {flag!r}")
+            check_bool(owner, name, flag)
         if top_k == 0 and not trace:
-            raise ValueError("top_k=0 and trace=False: nothing to measure")
-        _positive_int("max_iter", max_iter)
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
-            raise ValueError(f"tol must be a number >= 0, got {tol!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-        if start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+            fail(owner, "trace", trace, "must be True with top_k=0 (else there is nothing to measure)")
+        check_int(owner, "max_iter", max_iter, 1)
+        check_number(owner, "tol", tol, 0)
+        check_choice(owner, "method", method, METHODS)
+        check_any_int(owner, "seed", seed)
+        check_choice(owner, "start", start, STARTS)
         self.start: Start = start
         self.top_k, self.trace, self.max_iter, self.tol = top_k, trace, max_iter, float(tol)
         self.method, self.per_layer, self.cache_graph, self.seed = method, per_layer, cache_graph, seed

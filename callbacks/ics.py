@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from callbacks.base import BNMode, MeasurementCallback
 from callbacks.context import StepContext
 from callbacks.forward_trace import ForwardTrace, prefix_replayed
+from callbacks.validation import check_bool, check_names
 
 
 def ics_metrics(g: Sequence[Tensor], g_prime: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -98,12 +99,8 @@ class ICSCallback(MeasurementCallback):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
-        if layers is not None and (
-            isinstance(layers, str) or not all(isinstance(name, str) and name for name in layers) or not layers
-        ):
-            raise ValueError(f"layers must be None or a non-empty list of module names, got {layers!r}")
-        if not isinstance(share_forward, bool):
-            raise ValueError(f"share_forward must be True or False, got {share_forward!r}")
+        check_names(type(self).__name__, "layers", layers)
+        check_bool(type(self).__name__, "share_forward", share_forward)
         self.layers = None if layers is None else list(layers)
         self.share_forward = share_forward
         self._layer_params: dict[str, list[str]] = {}

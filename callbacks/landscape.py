@@ -36,11 +36,11 @@ from callbacks.context import StepContext
 from callbacks.landscape_math import (
     DEFAULT_LR_MULTIPLIERS,
     SUMMARY_KEYS,
-    check_positive_values,
     evaluate_along_gradient,
     summarize,
 )
 from callbacks.landscape_plot import plot_landscape
+from callbacks.validation import check_choice, check_int, check_positive_numbers
 from callbacks.writers import tensorboard_writer
 
 PREFIX = "landscape/"
@@ -100,20 +100,12 @@ class LandscapeCallback(MeasurementCallback):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
-        self.step_sizes = None if step_sizes is None else check_positive_values("step_sizes", step_sizes)
-        self.lr_multipliers = check_positive_values("lr_multipliers", lr_multipliers)
-        if method not in ("loop", "batched"):
-            raise ValueError(f"method must be 'loop' or 'batched', got {method!r}")
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
-        if figure_every_n_steps is not None and (
-            isinstance(figure_every_n_steps, bool)
-            or not isinstance(figure_every_n_steps, int)
-            or figure_every_n_steps < 1
-        ):
-            raise ValueError(f"figure_every_n_steps must be None or an integer >= 1, got {figure_every_n_steps!r}")
+        owner = type(self).__name__
+        self.step_sizes = None if step_sizes is None else check_positive_numbers(owner, "step_sizes", step_sizes)
+        self.lr_multipliers = check_positive_numbers(owner, "lr_multipliers", lr_multipliers)
+        check_choice(owner, "method", method, ("loop", "batched"))
+        check_int(owner, "chunk_size", chunk_size, 1, optional=True)
+        check_int(owner, "figure_every_n_steps", figure_every_n_steps, 1, optional=True)
         self.method: Method = method
         self.chunk_size = chunk_size
         self.figure_every_n_steps = figure_every_n_steps

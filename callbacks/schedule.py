@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from callbacks.validation import check_int
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -38,12 +40,12 @@ class Schedule:
     log_points_per_decade: int | None = None
 
     def __post_init__(self) -> None:
-        _check_int("every_n_steps", self.every_n_steps, 1)
-        _check_int("start_step", self.start_step, 0)
+        # CallbackArgumentError("Schedule", ...); a callback re-raises it under its own name.
+        check_int("Schedule", "every_n_steps", self.every_n_steps, 1)
+        check_int("Schedule", "start_step", self.start_step, 0)
         if self.end_step is not None:
-            _check_int("end_step", self.end_step, self.start_step)
-        if self.log_points_per_decade is not None:
-            _check_int("log_points_per_decade", self.log_points_per_decade, 1)
+            check_int("Schedule", "end_step", self.end_step, self.start_step, why=" (start_step)")
+        check_int("Schedule", "log_points_per_decade", self.log_points_per_decade, 1, optional=True)
 
     def should_measure(self, step: int) -> bool:
         """Whether training step ``step`` (``trainer.global_step`` at batch start) is measured."""
@@ -72,8 +74,3 @@ def _is_log_step(offset: int, per_decade: int) -> bool:
     # The offsets round(10**(k/n)) near this one come from k close to n*log10(offset).
     k_center = round(per_decade * math.log10(offset))
     return any(round(10 ** (k / per_decade)) == offset for k in range(max(0, k_center - 2), k_center + 3))
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -27,6 +27,7 @@ from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hvp import flatten, unflatten
 from callbacks.keskar_math import METHODS, RandomSubspace, keskar_sharpness
+from callbacks.validation import check_any_int, check_choice, check_int, check_positive_numbers
 
 Method = Literal["torch", "lbfgsb"]
 
@@ -93,18 +94,13 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
         )
-        epsilons = [epsilons] if isinstance(epsilons, (int, float)) else list(epsilons)
-        if not epsilons or not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e > 0 for e in epsilons):
-            raise ValueError(f"epsilons must be a non-empty list of numbers > 0, got {epsilons!r}")
-        bad_dim = isinstance(subspace_dim, bool) or not isinstance(subspace_dim, int) or subspace_dim < 1
-        if subspace_dim is not None and bad_dim:
-            raise ValueError(f"subspace_dim must be None (full space) or an integer >= 1, got {subspace_dim!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        owner = type(self).__name__
+        epsilons = [epsilons] if isinstance(epsilons, (int, float)) else epsilons
+        epsilons = check_positive_numbers(owner, "epsilons", epsilons)
+        check_int(owner, "subspace_dim", subspace_dim, 1, optional=True, why=" (None: the full space)")
+        check_choice(owner, "method", method, METHODS)
+        check_int(owner, "max_iter", max_iter, 1)
+        check_any_int(owner, "seed", seed)
         self.epsilons = [float(e) for e in epsilons]
         self.subspace_dim, self.method, self.max_iter, self.seed = subspace_dim, method, max_iter, seed
         self._subspace: RandomSubspace | None = None

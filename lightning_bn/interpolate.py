@@ -27,7 +27,7 @@ import copy
 import csv
 import importlib
 import math
-import sys
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_bn.errors import ConfigError
+from lightning_bn.errors import ArgumentParser, ConfigError, fail
 
 BNRule = Literal["recompute", "interpolate"]
 COLUMNS = ("alpha", "train_loss", "train_acc", "test_loss", "test_acc")
@@ -230,12 +230,15 @@ def interpolate(
 
 # -- outputs ------------------------------------------------------------------------------
 def write_csv(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
+    """The table as CSV; written to a temporary file and renamed, so never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(tmp, path)
     return path
 
 
@@ -328,7 +331,10 @@ def datamodule_from_config(config: str | Path | None, batch_size: int | None) ->
 
         if not Path(config).is_file():
             raise ConfigError(f"config not found: {config}")
-        cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        try:
+            cfg = OmegaConf.to_container(OmegaConf.load(config), resolve=True)
+        except Exception as err:  # not YAML, or an interpolation that does not resolve
+            raise ConfigError(f"--config {config}: cannot read it ({' '.join(str(err).split())})") from None
         cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
         model_class = (cfg.get("model") or {}).get("class_path")
         if cfg.get("data"):
@@ -337,12 +343,15 @@ def datamodule_from_config(config: str | Path | None, batch_size: int | None) ->
     if batch_size is not None:
         data_section["init_args"] = {**data_section["init_args"], "batch_size": batch_size}
     import_class(data_section["class_path"])
-    return instantiate_class((), data_section), model_class
+    try:
+        return instantiate_class((), data_section), model_class
+    except TypeError as err:  # an init_args key the class does not take
+        raise ConfigError(f"data: {data_section['class_path']}: {err}") from None
 
 
 # -- command line -------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lightning_bn.interpolate",
         description="Loss and accuracy along the line between two checkpoints (Keskar et al., Fig. 2).",
     )
@@ -368,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     try:
         start, stop, num = args.alphas
         if num < 1 or num != int(num):
-            raise ConfigError(f"--alphas NUM must be a positive integer, got {num}")
+            raise ConfigError(f"--alphas NUM must be a positive integer, got {num:g}")
         alphas = torch.linspace(start, stop, int(num), dtype=torch.float64).tolist()
         datamodule, config_class = datamodule_from_config(args.config, args.batch_size)
         model_class = args.model_class or config_class
@@ -380,14 +389,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
             model_a, model_b, datamodule, alphas, args.bn, args.bn_batches, args.max_batches, args.device, args.seed
         )
     except ConfigError as err:
-        sys.stderr.write(f"error: {err}\n")
-        sys.exit(2)
+        fail(str(err))
     out = Path(args.out)
-    csv_path = write_csv(rows, out / "interpolation.csv")
-    figure = plot(rows, labels, title=f"BN statistics: {args.bn}")
-    figure.savefig(out / "interpolation.png", dpi=120)
-    if args.tensorboard:
-        log_to_tensorboard(rows, figure, args.tensorboard)
+    try:
+        csv_path = write_csv(rows, out / "interpolation.csv")
+        figure = plot(rows, labels, title=f"BN statistics: {args.bn}")
+        tmp = out / f".interpolation.{os.getpid()}.png"
+        figure.savefig(tmp, dpi=120)
+        os.replace(tmp, out / "interpolation.png")
+        if args.tensorboard:
+            log_to_tensorboard(rows, figure, args.tensorboard)
+    except OSError as err:  # e.g. --out is a file or not writable
+        fail(f"--out {args.out}: cannot write the results ({err})")
     print(f"wrote {csv_path} and {out / 'interpolation.png'}")
     for row in rows:
         print("  ".join(f"{c}={row[c]:.4f}" for c in COLUMNS))

@@ -18,6 +18,7 @@ import torchmetrics
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from callbacks.guards import is_measuring
 from lightning_bn.errors import ConfigError, check_choice, check_positive
 
 LRSchedule = Literal["constant", "cosine", "step"]
@@ -79,7 +80,10 @@ class NormStudyModule(pl.LightningModule):
         loss = self.loss_fn(output, y)
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=not on_step, prog_bar=True)
-        if self.task == "classification":
+        # A measurement callback re-evaluating the training step (callbacks.is_measuring) needs
+        # only the loss: it silences self.log and restores the metric's state afterwards, so
+        # updating the metric would be undone work (as costly as a small model's forward).
+        if self.task == "classification" and not (on_step and is_measuring()):
             metric = getattr(self, f"{stage}_acc")
             metric(output.detach(), y)
             self.log(f"{stage}/acc", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")

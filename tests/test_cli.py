@@ -51,8 +51,8 @@ def test_three_batch_fit_logs_to_tensorboard_and_checkpoints(tmp_path, monkeypat
         (["--model.class_path", "lightning_bn.Nope"], "model: Problem with given class_path 'lightning_bn.Nope'"),
         (["--model.init_args.norm", "foo"], "norm='foo' is not a known normalization; choose one of:"),
         (["--model.init_args.lr", "-0.1"], "lr must be > 0, got -0.1"),
-        (["--model.init_args.lr", "0"], "lr must be > 0, got 0.0"),
-        (["--model.init_args.widht", "3"], "Option 'widht' is not accepted"),
+        (["--model.init_args.lr", "0"], "lr must be > 0, got 0"),
+        (["--model.init_args.widht", "3"], "model.init_args.widht (VGG): not an option; did you mean 'width'?"),
         (["--trainer.max_epocs", "3"], "max_epocs"),
         (["--data.init_args.batch_size", "1"], "data.batch_size=1 cannot train a model with BatchNorm"),
         (

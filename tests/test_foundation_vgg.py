@@ -46,7 +46,7 @@ def test_kaiming_init_is_the_default():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"lr": 0.0}, "lr must be > 0, got 0.0"),
+        ({"lr": 0.0}, "lr must be > 0, got 0"),
         ({"lr": -1.0}, "lr must be > 0"),
         ({"width": 0}, "width must be > 0"),
         ({"layout": "vgg99"}, "layout='vgg99' is not allowed; choose one of: 'vgg11'"),

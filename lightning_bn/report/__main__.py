@@ -7,16 +7,16 @@ RUNS_DIR/report/. See docs/experiments.md.
 
 from __future__ import annotations
 
-import argparse
 import shlex
 import sys
 from collections.abc import Sequence
 
+from lightning_bn.errors import ArgumentParser, ConfigError
 from lightning_bn.report.build import build_report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lightning_bn.report",
         description="Figures (PNG) and a markdown summary of the runs under RUNS_DIR.",
     )
@@ -28,8 +28,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         report = build_report(args.runs_dir, args.out, command=command)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ConfigError) as err:
         sys.stderr.write(f"error: {err}\n")
+        return 2
+    except OSError as err:  # e.g. --out inside a file, or not writable; the old report is untouched
+        sys.stderr.write(f"error: --out {args.out or args.runs_dir + '/report'}: cannot write the report ({err})\n")
         return 2
     print(f"wrote {report}")
     return 0

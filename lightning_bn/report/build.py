@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lightning_bn.errors import ConfigError
 from lightning_bn.report import curves, distributions, grids
 from lightning_bn.report.markdown import section
 from lightning_bn.report.runs import Experiment, discover
@@ -53,12 +57,27 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, comman
     """Write ``<out_dir>/report.md`` and ``<out_dir>/<experiment>/<figure>.png``; returns the markdown path.
 
     ``out_dir`` defaults to ``<runs_dir>/report``; ``command`` is shown as how the report was made.
+    Everything is made in a staging directory first and moved into ``out_dir`` at the end, so a
+    failure leaves the previous report as it was (never half overwritten).
     """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
-        raise FileNotFoundError(f"runs directory {str(runs_dir)!r} does not exist")
+        what = "is not a directory" if runs_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"runs directory {str(runs_dir)!r} {what}")
     out_dir = Path(out_dir) if out_dir is not None else runs_dir / "report"
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output directory {str(out_dir)!r} is a file, not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-staging-", dir=out_dir))
+    try:
+        report = _build(runs_dir, out_dir, staging, command)
+        _publish(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _build(runs_dir: Path, out_dir: Path, staging: Path, command: str | None) -> Path:
     experiments = discover(runs_dir)
     command = command or f"python -m lightning_bn.report {runs_dir}"
     parts = [
@@ -76,13 +95,30 @@ def build_report(runs_dir: str | Path, out_dir: str | Path | None = None, comman
         columns = columns_for([run.events for run in exp.runs])
         shown = []
         for figure in make_figures(exp):
-            path = save(figure.figure, out_dir / _file_stem(exp.name) / f"{_file_stem(figure.name)}.png")
+            relative = Path(_file_stem(exp.name)) / f"{_file_stem(figure.name)}.png"
+            save(figure.figure, staging / relative)
             title = TITLES.get(figure.name, figure.name.replace("_", " ").capitalize())
-            shown.append((title, figure.caption, path.relative_to(out_dir).as_posix()))
+            shown.append((title, figure.caption, relative.as_posix()))
         parts.append(section(exp, columns, shown))
-    report = out_dir / REPORT_FILE
-    report.write_text("\n".join(parts))
-    return report
+    (staging / REPORT_FILE).write_text("\n".join(parts))
+    return out_dir / REPORT_FILE
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Move the staged files into ``out_dir``, ``report.md`` last (each move is atomic)."""
+    files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == REPORT_FILE)
+    targets = [out_dir / p.relative_to(staging) for p in files]
+    for target in targets:  # refuse before anything is replaced
+        if target.is_dir():
+            raise ConfigError(f"cannot write {target}: it is a directory")
+        for parent in target.parents:
+            if parent == out_dir:
+                break
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"cannot write {target}: {parent} is a file")
+    for source, target in zip(files, targets):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
 
 
 def _anchor(name: str) -> str:

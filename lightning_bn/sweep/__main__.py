@@ -14,6 +14,7 @@ checkpoint. See docs/experiments.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -25,16 +26,16 @@ from typing import TextIO
 
 import yaml
 
-from lightning_bn.errors import ConfigError
+from lightning_bn.errors import ArgumentParser, ConfigError
 from lightning_bn.sweep.commands import display, stage_args
 from lightning_bn.sweep.expand import expand
 from lightning_bn.sweep.runner import DEFAULT_ENTRY, SweepRunner
-from lightning_bn.sweep.spec import load_sweep
-from lightning_bn.sweep.state import plan, write_sweep_record
+from lightning_bn.sweep.spec import SweepSpec, load_sweep
+from lightning_bn.sweep.state import Plan, plan, write_sweep_record
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m lightning_bn.sweep",
         description="Expand a sweep file into LightningCLI runs and run them, skipping complete ones.",
     )
@@ -81,6 +82,24 @@ def _sweep_command(args: argparse.Namespace, only: str | None = None) -> str:
     if only is not None:
         parts += ["--only", only]
     return shlex.join(parts)
+
+
+def check_runs(spec: SweepSpec, plans: Sequence[Plan], runs_root: str | Path) -> None:
+    """Every grid value once through the training CLI (parsed and built, nothing trained): a bad
+    option stops the sweep before any run starts, with one line naming the run and the option."""
+    from lightning_bn.cli import check
+
+    chosen, seen = [], set()
+    for p in plans:
+        pairs = {(k, json.dumps(v, sort_keys=True, default=str)) for k, v in p.run.values.items()}
+        if p.to_execute and not pairs <= seen:
+            chosen.append(p.run)
+            seen |= pairs
+    for run in chosen:
+        try:
+            check(stage_args(spec, run, spec.command, runs_root)[1:])  # without the subcommand
+        except ConfigError as err:
+            raise ConfigError(f"run {run.name}: {err}") from None
 
 
 def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_ENTRY, out: TextIO | None = None) -> int:
@@ -132,6 +151,12 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
                 out.write(display(stage_args(spec, p.run, stage, args.runs_root, resume)) + "\n")
         return 0
 
+    if tuple(entry) == DEFAULT_ENTRY:  # our own training CLI: check the options before any run starts
+        try:
+            check_runs(spec, plans, args.runs_root)
+        except ConfigError as err:
+            sys.stderr.write(f"error: {err}\n")
+            return 2
     counts = Counter(p.status for p in plans)
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     out.write(
@@ -141,7 +166,11 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
     for p in plans:
         if p.status in ("changed", "running", "blocked"):
             out.write(f"[sweep] skipping {p.run.name}: {p.reason}\n")
-    write_sweep_record(spec, args.runs_root, _sweep_command(args))
+    try:
+        write_sweep_record(spec, args.runs_root, _sweep_command(args))
+    except OSError as err:  # e.g. --runs-root is a file or not writable
+        sys.stderr.write(f"error: --runs-root {args.runs_root}: cannot write the sweep record ({err})\n")
+        return 2
     # A cluster preempting the job sends SIGTERM: stop the trainings as cleanly as on Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
