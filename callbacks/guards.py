@@ -114,24 +114,32 @@ def metrics_preserved(module: nn.Module, modules: Iterable[nn.Module] | None = N
     Duck-typed on the ``Metric`` layout (``_defaults`` names the states) so that the package
     does not import torchmetrics for models that do not use it.
     """
-    saved = []
+    saved: list[tuple[nn.Module, str, Any]] = []
     for mod in module.modules() if modules is None else modules:
         defaults = getattr(mod, "_defaults", None)
         if not isinstance(defaults, dict) or not hasattr(mod, "_update_count"):
             continue
-        states = {attr: _clone_state(getattr(mod, attr)) for attr in defaults}
-        extras = {attr: getattr(mod, attr) for attr in _METRIC_ATTRS if hasattr(mod, attr)}
-        saved.append((mod, states, extras))
+        for attr in defaults:
+            saved.append((mod, attr, _clone_state(getattr(mod, attr))))
+        for attr in _METRIC_ATTRS:
+            if hasattr(mod, attr):
+                saved.append((mod, attr, getattr(mod, attr)))
     try:
         yield
     finally:
-        for mod, states, extras in saved:
-            for attr, value in {**states, **extras}.items():
+        for mod, attr, value in saved:
+            # An attribute already in __dict__ is neither parameter, buffer nor submodule:
+            # setattr would store it there after Module.__setattr__'s checks (a few µs each,
+            # several per metric, at every evaluation).
+            plain = mod.__dict__
+            if attr in plain:
+                plain[attr] = value
+            else:
                 setattr(mod, attr, value)
 
 
 def _clone_state(value: Any) -> Any:
-    if isinstance(value, Tensor):
+    if type(value) is Tensor or isinstance(value, Tensor):
         return value.detach().clone()
     if isinstance(value, list):
         return [v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for v in value]

@@ -17,12 +17,15 @@ batch (x_t, y_t):
   for every eta, ``<eta>`` = ``lr_x<multiplier>`` (e.g. ``lr_x0.5``) or ``eta_<value>``.
 
 Cost per measurement: exactly len(grid) forward+backward passes of the step's batch (8 by
-default). Memory: the core's copies of W_t and g_t, plus one moved copy of the parameters
-(``method="loop"``) or ``chunk_size`` copies and activations (``method="batched"``).
+default), plus bookkeeping that benchmarks/landscape_cost.py measures against them. Memory: the
+core's copies of W_t and g_t, plus four parameter-sized buffers (W_t and g_t packed, W(eta),
+the gradient at W(eta); ``method="loop"``) or ``chunk_size`` copies and activations
+(``method="batched"``).
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -51,7 +54,7 @@ class LandscapeCallback(MeasurementCallback):
     """Santurkar et al. (2018) Fig. 4 measurements for any LightningModule.
 
     Cost per measurement: len(grid) forward+backward passes of the step's batch (8 by
-    default), whichever ``method``; memory: one moved parameter copy (``loop``).
+    default), whichever ``method``; memory: four parameter-sized buffers (``loop``).
 
     Args:
         every_n_steps: measure every n-th training step.
@@ -154,18 +157,10 @@ class LandscapeCallback(MeasurementCallback):
         params_t, grads_t = ctx.params_t or {}, ctx.grads_t or {}
         moved = {n: params_t[n] for n in grads_t}
         frozen = {n: p for n, p in params_t.items() if n not in grads_t}  # W_t for what g_t does not move
-        buffers = dict(pl_module.named_buffers()) if self._method_in_use == "batched" else {}
-        with ctx.evaluation(frozen or None, wrt=None) as core_loss:
-            wrapper = _Reparametrized(pl_module, core_loss)
-
-            def loss_fn(params: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
-                # functional_call swaps W(eta) (and, for vmap, per-eta buffer copies) into
-                # pl_module while the core evaluates its loss on the step's batch.
-                tensors = {f"module.{n}": t for n, t in {**params, **bufs}.items()}
-                return functional_call(wrapper, tensors, ())
-
-            result = self._evaluate(loss_fn, moved, grads_t, etas, buffers, ctx)
-        values = {PREFIX + k: torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
+        swapped = _Swapped(moved, ctx._named(), ctx._modules())  # the module lists the core keeps per step
+        with ctx.evaluation(frozen or None, wrt=None) as core_loss, swapped:
+            result = self._evaluate(pl_module, core_loss, swapped, moved, grads_t, etas, ctx)
+        values = _summary_tensors(result)
         if self.log_each_step_size:
             for i, eta in enumerate(etas):
                 label = f"eta_{eta:g}" if self.step_sizes is not None else f"lr_x{self.lr_multipliers[i]:g}"
@@ -174,12 +169,22 @@ class LandscapeCallback(MeasurementCallback):
         self._record(trainer, ctx.step, values)
         return values
 
-    def _evaluate(self, loss_fn, moved, grads_t, etas, buffers, ctx):
-        kwargs = {"reduce": ctx.reduce_mean}
+    def _evaluate(self, pl_module, core_loss, swapped, moved, grads_t, etas, ctx):
+        # One process: the mean over ranks is the identity, skip its concatenation per eta.
+        kwargs = {"reduce": ctx.reduce_mean if ctx.world_size > 1 else None}
         if self._method_in_use == "batched":
+            wrapper = _Reparametrized(pl_module, core_loss)
+
+            def vmap_loss(params: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
+                # functional_call swaps W(eta) and per-eta buffer copies (batched tensors of
+                # vmap) into pl_module while the core evaluates its loss on the step's batch.
+                tensors = {f"module.{n}": t for n, t in {**params, **bufs}.items()}
+                return functional_call(wrapper, tensors, ())
+
             try:
+                buffers = dict(pl_module.named_buffers())
                 return evaluate_along_gradient(
-                    loss_fn, moved, grads_t, etas, buffers, method="batched", chunk_size=self.chunk_size, **kwargs
+                    vmap_loss, moved, grads_t, etas, buffers, method="batched", chunk_size=self.chunk_size, **kwargs
                 )
             except Exception as err:  # vmap cannot trace this module's loss: same numbers, sequentially
                 self._method_in_use = "loop"
@@ -189,7 +194,14 @@ class LandscapeCallback(MeasurementCallback):
                     "vmap cannot trace .item() or data-dependent control flow in the loss; a "
                     "measurement_loss(batch, batch_idx) without them lets method='batched' run.",
                 )
-        return evaluate_along_gradient(loss_fn, moved, grads_t, etas, method="loop", **kwargs)
+
+        def loop_loss(params: dict[str, Tensor], bufs: dict[str, Tensor]) -> Tensor:
+            # The loop hands over the same W(eta) tensors at every eta (updated in place), so
+            # they are put into pl_module once, not once per eta as functional_call would.
+            swapped.install(params)
+            return core_loss()
+
+        return evaluate_along_gradient(loop_loss, moved, grads_t, etas, method="loop", **kwargs)
 
     # -- figure ----------------------------------------------------------------------------
     def _record(self, trainer: pl.Trainer, step: int, values: Mapping[str, Tensor]) -> None:
@@ -227,6 +239,53 @@ class LandscapeCallback(MeasurementCallback):
             k: (list(history[k][0]), list(history[k][1])) if k in history else ([], []) for k in SUMMARY_KEYS
         }
         self._last_figure_step = state.get("figure")
+
+
+def _summary_tensors(result: Any) -> dict[str, Tensor]:
+    """:func:`summarize` as float64 tensors under :data:`PREFIX`."""
+    return {PREFIX + k: torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
+
+
+class _Swapped:
+    """Puts tensors in place of parameters of a module, as ``functional_call`` does (the entry
+    of every submodule's ``_parameters`` that holds the parameter, tied occurrences included),
+    and the parameters back on exit. :meth:`install` does nothing when the same tensors are
+    already in place, so a loop over step sizes swaps once per measurement, not once per eta.
+
+    ``named``/``modules``: ``dict(module.named_parameters())`` and ``list(module.modules())``,
+    listed once per step by the measurement context.
+    """
+
+    def __init__(self, names: Sequence[str], named: Mapping[str, Tensor], modules: Sequence[nn.Module]) -> None:
+        self._names, self._named, self._modules = list(names), named, modules
+        self._slots: list[list[tuple[dict[str, Any], str]]] | None = None
+        self._current: list[Tensor] = []
+
+    def __enter__(self) -> _Swapped:
+        return self
+
+    def install(self, tensors: Mapping[str, Tensor]) -> None:
+        values = list(map(tensors.__getitem__, self._names))
+        if len(values) == len(self._current) and all(map(operator.is_, values, self._current)):
+            return
+        if self._slots is None:
+            where: dict[int, list[tuple[dict[str, Any], str]]] = {}
+            for mod in self._modules:
+                for attr, p in mod._parameters.items():
+                    if p is not None:
+                        where.setdefault(id(p), []).append((mod._parameters, attr))
+            self._slots = [where.get(id(self._named[n]), []) for n in self._names]
+        self._current = values  # first, so that __exit__ restores whatever was swapped
+        for slots, value in zip(self._slots, values):
+            for params, attr in slots:
+                params[attr] = value
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._current and self._slots is not None:
+            for slots, name in zip(self._slots, self._names):
+                for params, attr in slots:
+                    params[attr] = self._named[name]
+        self._current = []
 
 
 class _Reparametrized(nn.Module):

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from callbacks import LandscapeCallback, MeasurementWarning
+from callbacks import LandscapeCallback, MeasurementWarning, StepContext
+from callbacks.guards import measuring
 from callbacks.landscape_math import SUMMARY_KEYS
+from callbacks.rng import RNGState
 from tests._tiny_modules import RecordingLogger, TinyClassifier, classification_loader, make_trainer
 
 pytestmark = pytest.mark.filterwarnings("error::callbacks.MeasurementWarning")
@@ -272,6 +274,47 @@ def test_batched_path_has_no_observer_effect(norm):
     assert [r for r in own if r[1]] == ref_log.records
     noise = [(m.draws, m.replay_noise) for m in model.modules() if hasattr(m, "replay_noise")]
     assert noise == [(m.draws, False) for m in ref.modules() if hasattr(m, "replay_noise")]
+
+
+class TiedNet(pl.LightningModule):
+    """Two layers sharing one weight, a frozen layer and dropout: W(eta) must reach both uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c, self.frozen = nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.c.weight = self.b.weight
+        self.frozen.requires_grad_(False)
+        self.drop = nn.Dropout(0.3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.frozen(self.c(self.drop(torch.tanh(self.b(self.a(x)))))), y)
+
+
+def test_tied_parameters_move_together_and_come_back():
+    torch.manual_seed(0)
+    net, batch = TiedNet().train(), (torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    rng = RNGState.capture().torch_only()
+    trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    grads = torch.autograd.grad(net.training_step(batch, 0), list(trainable.values()))
+    ctx = StepContext(None, net, 0, batch, 0, rng=rng)
+    ctx.params_t = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ctx.grads_t, ctx.lrs_t = dict(zip(trainable, grads)), [0.1]
+    originals = dict(net.named_parameters())
+    with measuring():
+        values = LandscapeCallback(every_n_steps=1, step_sizes=[0.2], figure_every_n_steps=None).measure(None, net, ctx)
+    assert dict(net.named_parameters()) == originals and net.c.weight is net.b.weight
+    reference = copy.deepcopy(net)  # brute force: move the copy's (shared) weight, same dropout mask
+    with torch.no_grad():
+        for n, p in reference.named_parameters():
+            if n in ctx.grads_t:
+                p.sub_(0.2 * ctx.grads_t[n])
+    torch.set_rng_state(rng.torch_cpu)
+    loss = reference.training_step(batch, 0)
+    moved = [p for n, p in reference.named_parameters() if n in ctx.grads_t]
+    diff = torch.cat([(a - ctx.grads_t[n]).flatten() for a, n in zip(torch.autograd.grad(loss, moved), ctx.grads_t)])
+    assert float(values["landscape/loss_min"]) == pytest.approx(loss.item(), rel=1e-6)
+    assert float(values["landscape/grad_diff_min"]) == pytest.approx(diff.norm().item(), rel=1e-5)
 
 
 class ShardedNet(pl.LightningModule):

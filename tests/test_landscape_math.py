@@ -229,3 +229,49 @@ def test_argument_checks():
         evaluate_along_gradient(lambda p, b: p["x"].sum(), p, p, [0.1], method="batched", chunk_size=0)
     with pytest.raises(ValueError, match="same names"):
         evaluate_along_gradient(lambda p, b: p["x"].sum(), p, {"y": torch.zeros(2)}, [0.1])
+
+
+class _Awkward(nn.Module):
+    """Parameters the packed loop must handle: channels_last, tied, unused, empty, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1).to(memory_format=torch.channels_last)
+        self.a, self.b, self.c = nn.Linear(4 * 25, 7), nn.Linear(7, 7), nn.Linear(7, 7)
+        self.c.weight = self.b.weight
+        self.unused = nn.Parameter(torch.randn(3))
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.d = nn.Linear(7, 3).double()
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.d(self.c(torch.tanh(self.b(self.a(h)))).double())
+
+
+def test_loop_is_the_per_tensor_computation():
+    """The loop moves all parameters with one add into reused buffers: the same bits as one
+    fresh torch.add(W_t, g_t, alpha=-eta) per tensor (losses exactly; norms sum in another order)."""
+    torch.manual_seed(0)
+    model, x, y = _Awkward(), torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
+    named = dict(model.named_parameters())
+
+    def loss_fn(p, b):
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    grads = torch.autograd.grad(loss_fn(named, {}), list(named.values()), allow_unused=True)
+    g = {n: torch.zeros_like(p) if gr is None else gr for (n, p), gr in zip(named.items(), grads)}
+    etas = (0.01, 0.1, 0.5)
+    out = evaluate_along_gradient(loss_fn, named, g, etas)
+    losses, diffs = [], []
+    for eta in etas:
+        moved = {n: torch.add(p.detach(), g[n], alpha=-eta).requires_grad_(True) for n, p in named.items()}
+        at = torch.autograd.grad(loss := loss_fn(moved, {}), list(moved.values()), allow_unused=True)
+        squares = [
+            ((gr if gr is not None else torch.zeros_like(m)) - g[n]).double().pow(2).sum()
+            for (n, m), gr in zip(moved.items(), at)
+        ]
+        losses.append(loss.detach().double())
+        diffs.append(torch.sqrt(sum(squares)))
+    assert torch.equal(out.losses, torch.stack(losses))
+    torch.testing.assert_close(out.grad_diff_norms, torch.stack(diffs), rtol=1e-12, atol=0)
+    assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) and model.c.weight is model.b.weight
