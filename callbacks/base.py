@@ -313,6 +313,34 @@ class MeasurementCallback(pl.Callback):
         if not trainer.loggers:
             self.warn_once("no-logger", "the trainer has no logger: values are only kept in `last_values`")
         self.setup_measurement(trainer, pl_module)
+        self._check_distinct_keys(trainer, pl_module)
+
+    def same_values_as(self, other: MeasurementCallback) -> set[str]:
+        """Keys that this callback and ``other`` both log with equal values at the same steps
+        (so that sharing them is harmless); default: none."""
+        return set()
+
+    def _check_distinct_keys(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse a callback that would log a key an earlier measurement callback logs: the
+        values would silently overwrite each other (two sharpness callbacks that differ only in
+        maximizer or BN mode, say). Lightning sets callbacks up in order, so the earlier ones
+        know their keys by now."""
+        mine = set(self.expected_keys(pl_module))
+        callbacks = list(trainer.callbacks)
+        for i, other in enumerate(callbacks):
+            if other is self:
+                break
+            if not isinstance(other, MeasurementCallback):
+                continue
+            shared = sorted((mine & set(other.expected_keys(pl_module))) - self.same_values_as(other))
+            if shared:
+                more = f" (and {len(shared) - 1} more)" if len(shared) > 1 else ""
+                fix = "give one a distinct key_suffix" if hasattr(self, "key_suffix") else "remove one of them"
+                raise ValueError(
+                    f"{type(self).__name__} (trainer.callbacks[{callbacks.index(self)}]) would log {shared[0]}{more}, "
+                    f"as {type(other).__name__} (trainer.callbacks[{i}]) does: the values would overwrite each "
+                    f"other; {fix}"
+                )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

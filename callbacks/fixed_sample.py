@@ -18,7 +18,10 @@ import math
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities.data import extract_batch_size
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from callbacks.base import BNMode, MeasurementCallback
 from callbacks.distributed import world_size
@@ -43,6 +46,12 @@ class FixedSampleMeasurement(MeasurementCallback):
             :class:`~callbacks.Schedule`.
         bn_mode: ``"eval"`` (running statistics; default) or ``"train"`` (batch statistics
             of each batch of the sample).
+        sample_batch_size: None (default): the sample is the training loader's batches, so in
+            ``bn_mode="train"`` the statistics are those of batches of the training batch size.
+            An integer: the sample (``num_samples``, rounded up to whole batches of this size)
+            is re-split into batches of this size, so that runs with different training batch
+            sizes (Keskar's small vs large batch) are measured on equally sized batches. Each
+            batch must be a tensor or a tuple/list/dict of tensors of one leading size.
     """
 
     default_num_samples = DEFAULT_NUM_SAMPLES
@@ -59,6 +68,7 @@ class FixedSampleMeasurement(MeasurementCallback):
         end_step: int | None = None,
         log_points_per_decade: int | None = None,
         bn_mode: BNMode = "eval",
+        sample_batch_size: int | None = None,
     ) -> None:
         owner = type(self).__name__
         check_int(owner, "every_n_steps", every_n_steps, 1, optional=True)
@@ -73,12 +83,17 @@ class FixedSampleMeasurement(MeasurementCallback):
         check_int(owner, "num_batches", num_batches, 1, optional=True)
         if num_samples is not None and num_batches is not None:
             fail(owner, "num_batches", num_batches, f"must be None with num_samples={num_samples} (give one, not both)")
+        check_int(owner, "sample_batch_size", sample_batch_size, 1, optional=True, why=" (None: the loader's batches)")
+        if sample_batch_size is not None and num_batches is not None:
+            rule = f"must be None with num_batches={num_batches} (re-batching needs num_samples)"
+            fail(owner, "sample_batch_size", sample_batch_size, rule)
         check_int(owner, "every_n_epochs", every_n_epochs, 1, optional=True)
         check_bool(owner, "at_train_end", at_train_end)
         if every_n_epochs is None and every_n_steps is None and not at_train_end:
             rule = "must be True when every_n_epochs and every_n_steps are None (nothing would be measured)"
             fail(owner, "at_train_end", at_train_end, rule)
-        self.num_samples, self.num_batches = num_samples, num_batches
+        self.num_samples, self.num_batches, self.sample_batch_size = num_samples, num_batches, sample_batch_size
+        self._rebatched: list[Any] | None = None
         self.every_n_epochs, self.at_train_end, self.every_n_steps = every_n_epochs, at_train_end, every_n_steps
         self._measured_global_step: int | None = None
 
@@ -90,6 +105,7 @@ class FixedSampleMeasurement(MeasurementCallback):
             "at_train_end": self.at_train_end,
             "num_samples": self.num_samples,
             "num_batches": self.num_batches,
+            "sample_batch_size": self.sample_batch_size,
         }
 
     # -- the sample ---------------------------------------------------------------------
@@ -99,7 +115,14 @@ class FixedSampleMeasurement(MeasurementCallback):
             return self.training_sample(trainer, self.num_batches)
         batch_size = extract_batch_size(self.training_sample(trainer, 1)[0])
         wanted = self.num_samples or self.default_num_samples
-        return self.training_sample(trainer, max(1, math.ceil(wanted / (batch_size * world_size()))))
+        if self.sample_batch_size is None:
+            return self.training_sample(trainer, max(1, math.ceil(wanted / (batch_size * world_size()))))
+        if self._rebatched is None:
+            size = self.sample_batch_size
+            per_rank = math.ceil(wanted / (size * world_size())) * size  # whole batches of `size` per rank
+            drawn = self.training_sample(trainer, math.ceil(per_rank / batch_size))
+            self._rebatched = rebatch(drawn, size, per_rank, type(self).__name__)
+        return self._rebatched
 
     # -- when -----------------------------------------------------------------------------
     def measures_step(self, step: int) -> bool:
@@ -136,3 +159,24 @@ class FixedSampleMeasurement(MeasurementCallback):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self._measured_global_step = state.get("measured_global_step")
+
+
+def rebatch(batches: list[Any], size: int, total: int, owner: str) -> list[Any]:
+    """The first ``total`` samples of ``batches`` (tensors, or tuples/lists/dicts of tensors
+    sharing the leading dimension) re-split into batches of ``size`` (the last may be smaller
+    when the data run out)."""
+    leaves, specs = [], []
+    for batch in batches:
+        flat, spec = tree_flatten(batch)
+        if not flat or not all(isinstance(t, Tensor) and t.dim() > 0 for t in flat):
+            kinds = sorted({type(t).__name__ for t in flat}) or ["nothing"]
+            fail(owner, "sample_batch_size", size, f"needs batches of tensors, got a batch of {', '.join(kinds)}")
+        if len({t.shape[0] for t in flat}) != 1:
+            fail(owner, "sample_batch_size", size, "needs tensors of one leading size in every batch")
+        leaves.append(flat)
+        specs.append(spec)
+    if any(spec != specs[0] for spec in specs):
+        fail(owner, "sample_batch_size", size, "needs every batch of the same structure")
+    columns = [torch.cat(column)[:total] for column in zip(*leaves)]
+    chunks = zip(*(column.split(size) for column in columns))
+    return [tree_unflatten(list(chunk), specs[0]) for chunk in chunks]

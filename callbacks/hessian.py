@@ -54,8 +54,10 @@ class HessianCallback(FixedSampleMeasurement):
         cache_graph: keep the gradient graph of the sample for all products (one backward
             per product instead of a forward and two backwards; memory: the double-backward
             graph of the whole sample). Turn off for samples that do not fit.
-        num_samples, num_batches: the fixed training sample (default 256 samples, as
-            PyHessian's examples use one batch of ~200).
+        num_samples, num_batches, sample_batch_size: the fixed training sample (default 256
+            samples, as PyHessian's examples use one batch of ~200), optionally re-split into
+            batches of ``sample_batch_size`` (see
+            :class:`~callbacks.fixed_sample.FixedSampleMeasurement`).
         bn_mode: ``"eval"`` (default; running statistics, what PyHessian forces) or ``"train"``.
         seed: seed of the random start and probe vectors (a private generator: the training
             RNG streams are never touched).
@@ -99,6 +101,7 @@ class HessianCallback(FixedSampleMeasurement):
         start_step: int = 0,
         end_step: int | None = None,
         log_points_per_decade: int | None = None,
+        sample_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             num_samples=num_samples,
@@ -110,6 +113,7 @@ class HessianCallback(FixedSampleMeasurement):
             end_step=end_step,
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
+            sample_batch_size=sample_batch_size,
         )
         owner = type(self).__name__
         check_int(owner, "top_k", top_k, 0)

@@ -14,6 +14,7 @@ minima of their network F1. The math is in :mod:`callbacks.keskar_math`.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -27,14 +28,17 @@ from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hvp import flatten, unflatten
 from callbacks.keskar_math import METHODS, RandomSubspace, keskar_sharpness
-from callbacks.validation import check_any_int, check_choice, check_int, check_positive_numbers
+from callbacks.validation import check_any_int, check_choice, check_int, check_positive_numbers, fail
 
 Method = Literal["torch", "lbfgsb"]
 
 
-def sharpness_key(eps: float, subspace_dim: int | None) -> str:
-    """``sharpness/keskar_eps0.001`` (full space) or ``sharpness/keskar_eps0.001_sub100``."""
-    return f"sharpness/keskar_eps{eps:g}" + ("" if subspace_dim is None else f"_sub{subspace_dim}")
+KEY_SUFFIX = re.compile(r"(_[A-Za-z0-9.+-]+)*")
+
+
+def sharpness_key(eps: float, subspace_dim: int | None, suffix: str = "") -> str:
+    """``sharpness/keskar_eps0.001`` (full space) or ``sharpness/keskar_eps0.001_sub100``, then ``suffix``."""
+    return f"sharpness/keskar_eps{eps:g}" + ("" if subspace_dim is None else f"_sub{subspace_dim}") + suffix
 
 
 class KeskarSharpnessCallback(FixedSampleMeasurement):
@@ -48,10 +52,17 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
             reached >= 0.99x the L-BFGS-B value in ``benchmarks/sharpness_methods.py``;
             ``"lbfgsb"``: SciPy's L-BFGS-B in float64 on the host (the paper's maximizer).
         max_iter: iterations of the maximizer (the paper: 10).
-        num_samples, num_batches: the fixed training sample f is computed on (default 2048
-            samples; see :class:`~callbacks.fixed_sample.FixedSampleMeasurement`).
+        num_samples, num_batches, sample_batch_size: the fixed training sample f is computed
+            on (default 2048 samples in the loader's batches; see
+            :class:`~callbacks.fixed_sample.FixedSampleMeasurement`). Comparing runs of
+            different batch sizes in ``bn_mode="train"``, set ``sample_batch_size`` so that
+            f uses the same batch statistics' granularity in each.
         bn_mode: ``"eval"`` (default; running statistics) or ``"train"``.
         seed: seed of the random subspace.
+        key_suffix: appended to every key of this instance (``""`` or ``_``-separated words,
+            e.g. ``_lbfgsb_train``), so that several instances (both maximizers, both BN
+            modes) log side by side; two instances that would log the same key are refused
+            at setup.
         every_n_epochs, at_train_end, every_n_steps, start_step, end_step,
             log_points_per_decade: when to measure (default: end of every epoch and of training).
 
@@ -82,6 +93,8 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
         start_step: int = 0,
         end_step: int | None = None,
         log_points_per_decade: int | None = None,
+        sample_batch_size: int | None = None,
+        key_suffix: str = "",
     ) -> None:
         super().__init__(
             num_samples=num_samples,
@@ -93,6 +106,7 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
             end_step=end_step,
             log_points_per_decade=log_points_per_decade,
             bn_mode=bn_mode,
+            sample_batch_size=sample_batch_size,
         )
         owner = type(self).__name__
         epsilons = [epsilons] if isinstance(epsilons, (int, float)) else epsilons
@@ -101,12 +115,18 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
         check_choice(owner, "method", method, METHODS)
         check_int(owner, "max_iter", max_iter, 1)
         check_any_int(owner, "seed", seed)
+        # "_at_bound" would make a suffixed phi key look like another key's bound fraction
+        if not isinstance(key_suffix, str) or not KEY_SUFFIX.fullmatch(key_suffix) or key_suffix.endswith("_at_bound"):
+            rule = "must be '' or _-separated words of letters, digits, . + - (e.g. '_lbfgsb')"
+            fail(owner, "key_suffix", key_suffix, rule)
+        self.key_suffix = key_suffix
         self.epsilons = [float(e) for e in epsilons]
         self.subspace_dim, self.method, self.max_iter, self.seed = subspace_dim, method, max_iter, seed
         self._subspace: RandomSubspace | None = None
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "epsilons": self.epsilons, "subspace_dim": self.subspace_dim}
+        fields = {**super().state_key_fields(), "epsilons": self.epsilons, "subspace_dim": self.subspace_dim}
+        return {**fields, "key_suffix": self.key_suffix} if self.key_suffix else fields
 
     def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         n = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
@@ -136,15 +156,27 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
         values: dict[str, Tensor] = {}
         for eps in self.epsilons:
             result = keskar_sharpness(value_and_grad, x, eps, subspace, self.method, self.max_iter)
-            key = sharpness_key(eps, self.subspace_dim)
+            key = sharpness_key(eps, self.subspace_dim, self.key_suffix)
             values[key] = torch.tensor(result.phi, dtype=torch.float64)
             values[f"{key}_at_bound"] = torch.tensor(result.at_bound, dtype=torch.float64)
-            values["sharpness/loss"] = torch.tensor(result.loss, dtype=torch.float64)
+            values[f"sharpness/loss{self.key_suffix}"] = torch.tensor(result.loss, dtype=torch.float64)
         return values
 
     def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
-        keys = [sharpness_key(eps, self.subspace_dim) for eps in self.epsilons]
-        return [k for key in keys for k in (key, f"{key}_at_bound")] + ["sharpness/loss"]
+        keys = [sharpness_key(eps, self.subspace_dim, self.key_suffix) for eps in self.epsilons]
+        return [k for key in keys for k in (key, f"{key}_at_bound")] + [f"sharpness/loss{self.key_suffix}"]
+
+    def same_values_as(self, other: Any) -> set[str]:
+        """f(x) (``sharpness/loss``) is the same in a full-space and a subspace instance that
+        measure on the same sample, in the same BN mode, at the same steps."""
+        fields = ("sample_batch_size", "bn_mode", "key_suffix")
+        if not isinstance(other, KeskarSharpnessCallback) or any(getattr(self, f) != getattr(other, f) for f in fields):
+            return set()
+        mine, theirs = self.state_key_fields(), other.state_key_fields()
+        same_when = [k for k in mine if k not in ("epsilons", "subspace_dim", "class")]
+        if any(mine.get(k) != theirs.get(k) for k in same_when):
+            return set()
+        return {f"sharpness/loss{self.key_suffix}"}
 
     def _get_subspace(self, x: Tensor) -> RandomSubspace | None:
         if self.subspace_dim is None:

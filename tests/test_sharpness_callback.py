@@ -92,7 +92,9 @@ def test_no_observer_effect_bit_identical_fit():
     plain, plain_trainer, plain_rng = run([])
     callbacks = [
         KeskarSharpnessCallback(max_iter=2, num_batches=2, every_n_steps=1, bn_mode="train"),
-        KeskarSharpnessCallback(subspace_dim=4, method="lbfgsb", max_iter=2, num_batches=1, every_n_steps=2),
+        KeskarSharpnessCallback(
+            subspace_dim=4, method="lbfgsb", max_iter=2, num_batches=1, every_n_steps=2, key_suffix="_lbfgsb"
+        ),
     ]
     measured, trainer, rng = run(callbacks)
     assert all(cb.last_values for cb in callbacks)
@@ -128,3 +130,58 @@ def test_subspace_larger_than_the_model_is_refused_at_setup():
 def test_arguments_are_checked_at_once(kwargs, name):
     with pytest.raises(ValueError, match=name):
         KeskarSharpnessCallback(**kwargs)
+
+
+def test_sample_batch_size_rebatches_the_sample_independently_of_the_training_batch_size():
+    """Runs of batch 16 and 8 measure f on the same-sized batches: 20 samples -> 24 (whole
+    batches of 12), the loader's samples in order; f(x) in train BN mode is the mean loss over
+    those batches with their own statistics."""
+    for loader_batch in (16, 8):
+        cb = KeskarSharpnessCallback(
+            num_samples=20, sample_batch_size=12, max_iter=1, every_n_epochs=None, bn_mode="train"
+        )
+        torch.manual_seed(0)
+        module, logger = TinyClassifier(), RecordingLogger()
+        make_trainer(1, [cb], logger).fit(module, classification_loader(n=64, batch_size=loader_batch))
+        sample = cb.sample(module.trainer)
+        assert [len(y) for _, y in sample] == [12, 12]
+        raw = cb.training_sample(module.trainer, -(-24 // loader_batch))
+        assert torch.equal(torch.cat([x for x, _ in sample]), torch.cat([x for x, _ in raw])[:24])
+        x, value_and_grad = by_hand(module, sample, bn_mode="train")
+        (logged,) = [m["sharpness/loss"] for _, m in logger.records if "sharpness/loss" in m]
+        assert logged == pytest.approx(value_and_grad(x)[0], rel=1e-6)
+
+
+def test_sample_batch_size_needs_num_samples_not_num_batches():
+    message = r"KeskarSharpnessCallback: sample_batch_size must be None with num_batches=2 .*got 4"
+    with pytest.raises(ValueError, match=message):
+        KeskarSharpnessCallback(num_batches=2, sample_batch_size=4)
+
+
+def test_two_instances_logging_the_same_keys_are_refused_and_key_suffix_separates_them():
+    same = [
+        KeskarSharpnessCallback(max_iter=1, num_batches=1),
+        KeskarSharpnessCallback(max_iter=1, num_batches=1, bn_mode="train"),
+    ]
+    with pytest.raises(
+        ValueError,
+        match=r"KeskarSharpnessCallback \(trainer.callbacks\[\d\]\) would log sharpness/keskar_eps0.0005.*key_suffix",
+    ):
+        fit(same, steps=1)
+    cbs = [
+        KeskarSharpnessCallback([1e-2], max_iter=1, num_batches=1, every_n_epochs=None),
+        KeskarSharpnessCallback(
+            [1e-2], max_iter=1, num_batches=1, every_n_epochs=None, bn_mode="train", key_suffix="_train"
+        ),
+    ]
+    _, logger = fit(cbs, steps=1)
+    (final,) = [m for _, m in logger.records if "sharpness/loss" in m]
+    (final_train,) = [m for _, m in logger.records if "sharpness/loss_train" in m]
+    assert set(final_train) >= {"sharpness/keskar_eps0.01_train", "sharpness/keskar_eps0.01_train_at_bound"}
+    assert final["sharpness/loss"] != final_train["sharpness/loss_train"]  # running vs batch statistics
+
+
+@pytest.mark.parametrize("suffix", ["train", "_a/b", "_x_at_bound", 3])
+def test_bad_key_suffix_is_refused(suffix):
+    with pytest.raises(ValueError, match=r"KeskarSharpnessCallback: key_suffix must be ''"):
+        KeskarSharpnessCallback(key_suffix=suffix)

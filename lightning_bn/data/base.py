@@ -58,6 +58,11 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             shuffled with ``subset_seed`` first, so a subset stays class-balanced in expectation).
         subset_seed: seed of the permutation used by ``train_size``.
         drop_last: drop the last incomplete training batch (keeps every SGD batch the same size).
+        batch_size_schedule: epoch -> the training batch size from that epoch on (epochs
+            before the first key use ``batch_size``). Keskar et al.'s warm start: ``{5: 6000}``
+            trains 5 epochs at ``batch_size``, then continues from those iterates (and the
+            optimizer's state) at 6000. Needs ``trainer.reload_dataloaders_every_n_epochs=1``
+            so that the loader is rebuilt at each epoch.
     """
 
     mean: tuple[float, ...] = CIFAR10_MEAN
@@ -72,6 +77,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         train_size: int | None = None,
         subset_seed: int = 0,
         drop_last: bool = True,
+        batch_size_schedule: dict[int, int] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -85,6 +91,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers, self.augment, self.train_size = num_workers, augment, train_size
         self.subset_seed, self.drop_last = subset_seed, drop_last
+        self.batch_size_schedule = _checked_schedule(batch_size_schedule)
         self.train_set: TensorImageDataset | None = None
         self.test_set: TensorImageDataset | None = None
 
@@ -108,11 +115,14 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             generator = torch.Generator().manual_seed(self.subset_seed)
             keep = torch.randperm(len(labels), generator=generator)[: self.train_size]
             images, labels = images[keep], labels[keep]
-        if self.drop_last and self.batch_size > len(labels):
-            raise ConfigError(
-                f"data.batch_size={self.batch_size} exceeds the {len(labels)} training samples "
-                "(with drop_last=True no batch would be left)"
-            )
+        for name, size in [("batch_size", self.batch_size)] + [
+            (f"batch_size_schedule[{epoch}]", size) for epoch, size in self.batch_size_schedule.items()
+        ]:
+            if self.drop_last and size > len(labels):
+                raise ConfigError(
+                    f"data.{name}={size} exceeds the {len(labels)} training samples "
+                    "(with drop_last=True no batch would be left)"
+                )
         self.train_set_shape = tuple(images.shape)
         self.train_set = TensorImageDataset(
             normalize_uint8(images, self.mean, self.std), labels, self._train_transform()
@@ -120,10 +130,29 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         test_images, test_labels = self.load_split(train=False)
         self.test_set = TensorImageDataset(normalize_uint8(test_images, self.mean, self.std), test_labels)
 
+    def train_batch_size(self, epoch: int) -> int:
+        """The training batch size of ``epoch`` (``batch_size_schedule``, else ``batch_size``)."""
+        size = self.batch_size
+        for start, scheduled in sorted(self.batch_size_schedule.items()):
+            if epoch >= start:
+                size = scheduled
+        return size
+
+    def _check_reload(self) -> None:
+        trainer = self.trainer
+        if self.batch_size_schedule and trainer is not None and trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ConfigError(
+                f"data.batch_size_schedule={self.batch_size_schedule} needs "
+                f"trainer.reload_dataloaders_every_n_epochs=1 (the loader is rebuilt per epoch), got "
+                f"{trainer.reload_dataloaders_every_n_epochs}"
+            )
+
     def train_dataloader(self) -> DataLoader:
+        self._check_reload()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         return DataLoader(
             self.train_set,
-            batch_size=self.batch_size,
+            batch_size=self.train_batch_size(epoch),
             shuffle=True,
             drop_last=self.drop_last,
             num_workers=self.num_workers,
@@ -139,3 +168,20 @@ class InMemoryImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+
+def _checked_schedule(schedule: dict[int, int] | None) -> dict[int, int]:
+    if schedule is None:
+        return {}
+    # JSON (a sweep's command line) has string keys only: "5" is epoch 5
+    if isinstance(schedule, dict):
+        schedule = {int(e) if isinstance(e, str) and e.isdigit() else e: b for e, b in schedule.items()}
+
+    def valid(n: object, low: int) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= low
+
+    if not isinstance(schedule, dict) or not all(valid(e, 0) and valid(b, 1) for e, b in schedule.items()):
+        raise ConfigError(
+            f"data.batch_size_schedule must map epochs (integers >= 0) to batch sizes (integers >= 1), got {schedule!r}"
+        )
+    return dict(sorted(schedule.items()))

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_bn.errors import ConfigError
-from lightning_bn.report import curves, distributions, grids
+from lightning_bn.report import curves, distributions, grids, keskar
 from lightning_bn.report.markdown import section
 from lightning_bn.report.runs import Experiment, discover
 from lightning_bn.report.style import ReportFigure, save
@@ -28,6 +28,8 @@ FIGURE_MAKERS: Sequence[Callable[[Experiment], ReportFigure | list[ReportFigure]
     grids.heatmap_figure,
     grids.accuracy_vs_batch_size_figure,
     grids.sharpness_figure,
+    keskar.sharpness_curve_figure,
+    keskar.sharpness_and_accuracy_figure,
     curves.other_figures,
 )
 TITLES = {
@@ -38,6 +40,8 @@ TITLES = {
     "heatmap": "Accuracy over batch size and learning rate",
     "accuracy_vs_batch_size": "Accuracy vs batch size",
     "sharpness_vs_batch_size": "Sharpness vs batch size",
+    "sharpness_along_training": "Sharpness along training (Keskar Fig. 5)",
+    "sharpness_and_accuracy_vs_batch_size": "Sharpness and test accuracy vs batch size (Keskar Fig. 4)",
 }
 
 

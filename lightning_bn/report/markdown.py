@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from lightning_bn.report.keskar import sharpness_table
 from lightning_bn.report.runs import Experiment
 from lightning_bn.report.summary import Column, format_mean_std, format_number
 
@@ -70,6 +71,9 @@ def section(exp: Experiment, columns: Sequence[Column], figures: Sequence[tuple[
         lines += [*derived, ""] if derived else []
     elif not any(run.record for run in exp.runs):
         lines += [f"{len(exp.runs)} TensorBoard run(s) under `{exp.dir.name}/` (not made by a sweep).", ""]
+    keskar = sharpness_table(exp)
+    if keskar:  # the sharpness values are in their own table: keep the run tables narrow
+        columns = [c for c in columns if not c.name.startswith("Keskar sharpness")]
     groups: dict[str, list[Column]] = {}
     for column in columns:
         groups.setdefault(column.group, []).append(column)
@@ -83,6 +87,16 @@ def section(exp: Experiment, columns: Sequence[Column], figures: Sequence[tuple[
                 lines += [f"**{group}**", "", *seeds_table(exp, group_columns), ""]
     else:
         lines += ["No known measurement was logged yet.", ""]
+    if keskar:
+        lines += [
+            "### Keskar sharpness (Keskar et al. Tables 3/4)",
+            "",
+            "Final φ (Metric 2.1) per protocol, mean ± std over seeds; ratio: of the means, larger batch / "
+            "smaller batch. The paper (network F1, MNIST, ε = 1e-3, full space): 1.23 ± 0.83 vs 205.14 ± 69.52.",
+            "",
+            *keskar,
+            "",
+        ]
     if figures:
         lines += ["### Figures", ""]
         for title, caption, path in figures:

@@ -84,15 +84,28 @@ FIXED_COLUMNS = (
     Column("act. std drift", _mean_over_layers(r"activations/.+/std_drift"), group=SHIFT),
 )
 # The headline value of each sharpness / Hessian measurement (not its diagnostics or per-layer parts).
-FINAL_TAGS = re.compile(r"sharpness/keskar_eps[^_/]+(_sub\d+)?|hessian/(top_eigenvalue|trace)")
+# Keskar tags may end in a key_suffix (``_lbfgsb_bntrain``); not the bound fractions, nor
+# measurements along training (``_curve``), whose last value is not the end of training.
+FINAL_TAGS = re.compile(
+    r"sharpness/keskar_eps[^_/]+(_sub\d+)?(?!.*(_at_bound|_curve)(_|$))(_[A-Za-z0-9.+-]+)*|hessian/(top_eigenvalue|trace)"
+)
+
+
+SUFFIX_WORDS = {
+    "lbfgsb": "L-BFGS-B",
+    "bntrain": "BN batch stats",
+    "bneval": "BN running stats",
+    "curve": "along training",
+}
 
 
 def pretty(tag: str) -> str:
     """A readable name for a measurement tag (``sharpness/keskar_eps0.001`` -> Keskar sharpness, eps = 0.001)."""
-    match = re.fullmatch(r"sharpness/keskar_eps([^_]+)(?:_sub(\d+))?", tag)
+    match = re.fullmatch(r"sharpness/keskar_eps([^_]+)(?:_sub(\d+))?((?:_[A-Za-z0-9.+-]+)*)", tag)
     if match:
         space = f", random {match.group(2)}-dim subspace" if match.group(2) else ""
-        return f"Keskar sharpness (ε = {match.group(1)}{space})"
+        words = [SUFFIX_WORDS.get(w, w) for w in match.group(3).split("_") if w]
+        return f"Keskar sharpness (ε = {match.group(1)}{space}{''.join(', ' + w for w in words)})"
     match = re.fullmatch(r"hessian/eigenvalue_(\d+)", tag)
     if match:
         return f"Hessian eigenvalue #{match.group(1)}"
