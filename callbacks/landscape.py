@@ -36,14 +36,16 @@ from torch.func import functional_call
 
 from callbacks.base import BNMode, MeasurementCallback
 from callbacks.context import StepContext
+from callbacks.finite import NonFiniteError
 from callbacks.landscape_math import (
     DEFAULT_LR_MULTIPLIERS,
     SUMMARY_KEYS,
     evaluate_along_gradient,
+    grad_norm,
     summarize,
 )
 from callbacks.landscape_plot import plot_landscape
-from callbacks.validation import check_choice, check_int, check_positive_numbers
+from callbacks.validation import check_choice, check_int, check_positive_numbers, fail
 from callbacks.writers import tensorboard_writer
 
 PREFIX = "landscape/"
@@ -75,6 +77,12 @@ class LandscapeCallback(MeasurementCallback):
             at the first measurement at least this many steps after the last one, and at the
             end of training; None: no figure.
         log_each_step_size: also log the loss and gradient difference at every eta.
+        direction: ``"gradient"`` (default, the paper's): W(eta) = W_t - eta g_t, so the
+            distance moved is eta ||g_t|| and a network with a larger gradient moves farther
+            at the same eta; ``"unit"``: W(d) = W_t - d g_t / ||g_t||, fixed distances ``d``
+            in parameter space (``step_sizes`` are then these distances and are required),
+            so two networks are compared at the same distance. The same keys; beta is
+            ||grad L(W) - g_t|| / (distance moved) in both. Per-size keys are ``dist_<d>``.
         start_step, end_step, log_points_per_decade: the schedule (see ``Schedule``).
     """
 
@@ -92,6 +100,7 @@ class LandscapeCallback(MeasurementCallback):
         chunk_size: int | None = None,
         figure_every_n_steps: int | None = 500,
         log_each_step_size: bool = False,
+        direction: Literal["gradient", "unit"] = "gradient",
         start_step: int = 0,
         end_step: int | None = None,
         log_points_per_decade: int | None = None,
@@ -107,6 +116,10 @@ class LandscapeCallback(MeasurementCallback):
         self.step_sizes = None if step_sizes is None else check_positive_numbers(owner, "step_sizes", step_sizes)
         self.lr_multipliers = check_positive_numbers(owner, "lr_multipliers", lr_multipliers)
         check_choice(owner, "method", method, ("loop", "batched"))
+        check_choice(owner, "direction", direction, ("gradient", "unit"))
+        if direction == "unit" and step_sizes is None:
+            fail(owner, "step_sizes", None, "is required with direction='unit' (distances in parameter space)")
+        self.direction = direction
         check_int(owner, "chunk_size", chunk_size, 1, optional=True)
         check_int(owner, "figure_every_n_steps", figure_every_n_steps, 1, optional=True)
         self.method: Method = method
@@ -120,7 +133,8 @@ class LandscapeCallback(MeasurementCallback):
         self._method_in_use: Method = method
 
     def state_key_fields(self) -> dict[str, Any]:
-        return {**super().state_key_fields(), "step_sizes": self.step_sizes, "lr_multipliers": self.lr_multipliers}
+        fields = {**super().state_key_fields(), "step_sizes": self.step_sizes, "lr_multipliers": self.lr_multipliers}
+        return {**fields, "direction": self.direction} if self.direction != "gradient" else fields
 
     # -- checks before training ------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -136,15 +150,16 @@ class LandscapeCallback(MeasurementCallback):
     def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
         keys = [PREFIX + k for k in SUMMARY_KEYS]
         if self.log_each_step_size:
-            labels = (
-                [f"eta_{eta:g}" for eta in self.step_sizes]
-                if self.step_sizes is not None
-                else [f"lr_x{m:g}" for m in self.lr_multipliers]
-            )
+            labels = [self._label(i) for i in range(len(self.step_sizes or self.lr_multipliers))]
             keys += [f"{PREFIX}{kind}/{label}" for label in labels for kind in ("loss", "grad_diff")]
         return keys
 
     # -- the measurement -----------------------------------------------------------------
+    def _label(self, i: int) -> str:
+        if self.direction == "unit":
+            return f"dist_{self.step_sizes[i]:g}"
+        return f"eta_{self.step_sizes[i]:g}" if self.step_sizes is not None else f"lr_x{self.lr_multipliers[i]:g}"
+
     def step_size_grid(self, lrs: Sequence[float]) -> tuple[float, ...]:
         """The etas of a step trained with learning rates ``lrs`` (one per param group)."""
         if self.step_sizes is not None:
@@ -155,6 +170,11 @@ class LandscapeCallback(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:
         etas = self.step_size_grid(ctx.lrs_t or [])
         params_t, grads_t = ctx.params_t or {}, ctx.grads_t or {}
+        if self.direction == "unit":  # distance d along g_t / ||g_t|| is eta = d / ||g_t|| along g_t
+            norm = float(grad_norm(grads_t))
+            if not norm > 0:
+                raise NonFiniteError(f"direction='unit' needs a non-zero gradient, got ||g_t|| = {norm:g}")
+            etas = tuple(d / norm for d in etas)
         moved = {n: params_t[n] for n in grads_t}
         frozen = {n: p for n, p in params_t.items() if n not in grads_t}  # W_t for what g_t does not move
         swapped = _Swapped(moved, ctx._named(), ctx._modules())  # the module lists the core keeps per step
@@ -162,8 +182,8 @@ class LandscapeCallback(MeasurementCallback):
             result = self._evaluate(pl_module, core_loss, swapped, moved, grads_t, etas, ctx)
         values = _summary_tensors(result)
         if self.log_each_step_size:
-            for i, eta in enumerate(etas):
-                label = f"eta_{eta:g}" if self.step_sizes is not None else f"lr_x{self.lr_multipliers[i]:g}"
+            for i in range(len(etas)):
+                label = self._label(i)
                 values[f"{PREFIX}loss/{label}"] = result.losses[i]
                 values[f"{PREFIX}grad_diff/{label}"] = result.grad_diff_norms[i]
         self._record(trainer, ctx.step, values)

@@ -364,3 +364,36 @@ def test_ddp_logs_the_global_batch_values(tmp_path):
         assert sorted(ddp) == list(range(steps)), key
         for step, value in ddp.items():
             assert value == pytest.approx(single.values(key)[step], rel=1e-5, abs=1e-7), (key, step)
+
+
+@pytest.mark.parametrize("method", ["loop", "batched"])
+def test_unit_direction_moves_fixed_distances_and_matches_brute_force(method):
+    """direction='unit': W(d) = W_t - d g_t / ||g_t||; per distance, loss and gradient
+    difference against copies moved by eta = d / ||g_t||; beta = max diff / d."""
+    torch.manual_seed(0)
+    model = TinyClassifier(norm="batch", dropout=0.3, lr=0.2)
+    recorder, logger = Recorder(), RecordingLogger()
+    distances = [0.05, 0.1, 0.4]
+    cb = LandscapeCallback(
+        every_n_steps=2, step_sizes=distances, direction="unit", method=method,
+        figure_every_n_steps=None, log_each_step_size=True,
+    )  # fmt: skip
+    make_trainer(3, [recorder, cb], logger).fit(model, classification_loader())
+    for step in (0, 2):
+        rec = recorder.steps[step]
+        g_norm = torch.cat([g.flatten() for g in rec["grads"].values()]).norm().item()
+        losses, diffs = brute_force(rec, [d / g_norm for d in distances], "train")
+        logged = {k: v for s, metrics in logger.records if s == step for k, v in metrics.items()}
+        for d, loss, diff in zip(distances, losses, diffs):
+            assert logged[f"landscape/loss/dist_{d:g}"] == pytest.approx(loss, rel=2e-5, abs=1e-6)
+            assert logged[f"landscape/grad_diff/dist_{d:g}"] == pytest.approx(diff, rel=2e-5, abs=1e-6)
+        beta = max(diff / d for d, diff in zip(distances, diffs))
+        assert logged["landscape/beta_smoothness"] == pytest.approx(beta, rel=2e-5)
+        assert logged["landscape/grad_norm"] == pytest.approx(g_norm, rel=1e-6)
+
+
+def test_unit_direction_needs_distances():
+    with pytest.raises(ValueError, match=r"^LandscapeCallback: step_sizes is required with direction='unit'"):
+        LandscapeCallback(direction="unit")
+    with pytest.raises(ValueError, match=r"^LandscapeCallback: direction must be one of"):
+        LandscapeCallback(direction="random")

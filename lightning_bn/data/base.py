@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from lightning_bn.data.device_resident import DeviceResidentLoader
 from lightning_bn.errors import ConfigError, check_positive
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -63,6 +64,10 @@ class InMemoryImageDataModule(pl.LightningDataModule):
             trains 5 epochs at ``batch_size``, then continues from those iterates (and the
             optimizer's state) at 6000. Needs ``trainer.reload_dataloaders_every_n_epochs=1``
             so that the loader is rebuilt at each epoch.
+        device_resident: make training batches on the training device without a DataLoader
+            (:class:`~lightning_bn.data.device_resident.DeviceResidentLoader`: the uint8 set
+            moved there once, permutation, normalization, crop and flip in batched ops, DDP
+            shards, resumable mid-epoch); for GPU runs at paper scale. ``num_workers`` must be 0.
     """
 
     mean: tuple[float, ...] = CIFAR10_MEAN
@@ -78,6 +83,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         subset_seed: int = 0,
         drop_last: bool = True,
         batch_size_schedule: dict[int, int] | None = None,
+        device_resident: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -92,6 +98,17 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         self.num_workers, self.augment, self.train_size = num_workers, augment, train_size
         self.subset_seed, self.drop_last = subset_seed, drop_last
         self.batch_size_schedule = _checked_schedule(batch_size_schedule)
+        if not isinstance(device_resident, bool):
+            raise ConfigError(f"data.device_resident must be true or false, got {device_resident!r}")
+        if device_resident and num_workers:
+            raise ConfigError(
+                f"data.num_workers={num_workers} with data.device_resident=true: batches are made on the "
+                "device, there are no workers; set num_workers to 0"
+            )
+        self.device_resident = device_resident
+        # the base seed of the device-resident draws (seed_everything has run by now)
+        self._draw_seed = torch.initial_seed()
+        self._train_uint8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.train_set: TensorImageDataset | None = None
         self.test_set: TensorImageDataset | None = None
 
@@ -124,6 +141,8 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                     "(with drop_last=True no batch would be left)"
                 )
         self.train_set_shape = tuple(images.shape)
+        if self.device_resident:
+            self._train_uint8 = (images, labels)
         self.train_set = TensorImageDataset(
             normalize_uint8(images, self.mean, self.std), labels, self._train_transform()
         )
@@ -147,9 +166,22 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                 f"{trainer.reload_dataloaders_every_n_epochs}"
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceResidentLoader:
         self._check_reload()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self.device_resident:
+            images, labels = self._train_uint8
+            return DeviceResidentLoader(
+                images,
+                labels,
+                self.train_batch_size(epoch),
+                self.mean,
+                self.std,
+                self.augment,
+                self.drop_last,
+                self._draw_seed,
+                self.trainer,
+            )
         return DataLoader(
             self.train_set,
             batch_size=self.train_batch_size(epoch),
