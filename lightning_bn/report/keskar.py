@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightning_bn.report.runs import Experiment, RunInfo
-from lightning_bn.report.style import ReportFigure, colors, decorate, legend, new_figure
+from lightning_bn.report.style import ReportFigure, colors, decorate, legend, log_x, log_y, new_figure
 from lightning_bn.report.summary import SUFFIX_WORDS as WORDS
 from lightning_bn.report.summary import format_mean_std
 
@@ -52,6 +52,13 @@ def parse(tag: str) -> tuple[str, Protocol] | None:
     return match["eps"], Protocol(space, words)
 
 
+def _protocol_order(protocol: Protocol) -> tuple:
+    """Full space first, the torch maximizer before L-BFGS-B, batch statistics (the paper's
+    protocol) before running statistics, then anything else by name."""
+    mode = 0 if "bntrain" in protocol.words else 1 if "bneval" in protocol.words else 2
+    return (protocol.space != "full", protocol.space, "lbfgsb" in protocol.words, mode, protocol.words)
+
+
 def _batch_order(exp: Experiment) -> list[tuple[str, list[RunInfo]]]:
     """Configurations sorted by batch size where the sweep has a batch-size axis."""
     groups = list(exp.configurations().items())
@@ -80,7 +87,7 @@ def sharpness_table(exp: Experiment) -> list[str]:
         return []
     groups = _batch_order(exp)
     epsilons = sorted({eps for eps, _ in final.values()}, key=float, reverse=True)
-    protocols = list(dict.fromkeys(p for _, p in final.values()))
+    protocols = sorted(dict.fromkeys(p for _, p in final.values()), key=_protocol_order)
     header = ["protocol"]
     for eps in epsilons:
         header += [f"ε={eps}: {label}" for label, _ in groups]
@@ -114,16 +121,13 @@ def sharpness_curve_figure(exp: Experiment) -> ReportFigure | None:
         eps, protocol = parse(tag)  # type: ignore[misc]
         for (label, runs), color in zip(groups, palette):
             for i, run in enumerate(runs):
-                if tag not in run.events.scalars or "train/loss" not in run.events.scalars:
+                points = _curve_points(run, tag)
+                if points is None:
                     continue
-                phi, loss = run.events.scalars[tag], run.events.scalars["train/loss"]
-                # train/loss is logged every few steps: take the value at the nearest logged step
-                nearest = np.abs(loss.steps[None, :] - phi.steps[:, None]).argmin(axis=1)
-                x, y = loss.values[nearest], phi.values
-                keep = np.isfinite(x) & np.isfinite(y) & (y > 0)
+                x, y = points
                 ax.plot(
-                    x[keep],
-                    y[keep],
+                    x,
+                    y,
                     color=color,
                     marker="o",
                     markersize=3,
@@ -131,10 +135,9 @@ def sharpness_curve_figure(exp: Experiment) -> ReportFigure | None:
                     alpha=0.8,
                     label=label if i == 0 else None,
                 )
-                if keep.any():  # the last point: where training ended
-                    ax.scatter(x[keep][-1:], y[keep][-1:], color=color, marker="*", s=90, zorder=3)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+                ax.scatter(x[-1:], y[-1:], color=color, marker="*", s=90, zorder=3)  # the last measurement
+        log_x(ax)
+        log_y(ax)
         ax.invert_xaxis()  # training goes left to right: the loss falls
         decorate(
             ax,
@@ -144,11 +147,28 @@ def sharpness_curve_figure(exp: Experiment) -> ReportFigure | None:
         )
     legend(fig, axes)
     caption = (
-        "Keskar sharpness measured at log-spaced steps during training against the training loss at that "
-        "step (Keskar et al. Fig. 5: small-batch sharpness falls late in training, large-batch sharpness "
-        "rises); one line per seed, a star where training ended."
+        "Keskar sharpness measured at log-spaced steps during training against the training cross-entropy "
+        "f(x) on the same fixed sample at that step (Keskar et al. Fig. 5: small-batch sharpness falls late in "
+        "training, large-batch sharpness rises); one line per seed, a star at its last measurement."
     )
     return ReportFigure("sharpness_along_training", caption, fig)
+
+
+def _curve_points(run: RunInfo, tag: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(training loss, phi) at the steps of a phi curve: the loss f(x) the same callback logged
+    on its fixed sample (``sharpness/loss<suffix>``), else the nearest logged ``train/loss``."""
+    scalars = run.events.scalars
+    if tag not in scalars:
+        return None
+    phi = scalars[tag]
+    own = "sharpness/loss" + TAG.fullmatch(tag)["suffix"]
+    loss = scalars.get(own) or scalars.get("train/loss")
+    if loss is None:
+        return None
+    nearest = np.abs(loss.steps[None, :] - phi.steps[:, None]).argmin(axis=1)
+    x, y = loss.values[nearest], phi.values
+    keep = np.isfinite(x) & np.isfinite(y) & (y > 0) & (x > 0)
+    return (x[keep], y[keep]) if keep.any() else None
 
 
 def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
@@ -180,8 +200,8 @@ def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
             tag = next((t for t, (e, p) in final.items() if e == eps and p == protocol), None)
             if tag is not None:
                 ax.plot(sizes, [mean_at(tag, s) for s in sizes], color=color, marker="o", label=f"φ, {protocol.text}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        log_x(ax)
+        log_y(ax)
         decorate(ax, f"ε = {eps}", "batch size (log)", "Keskar sharpness φ (log)")
         twin = ax.twinx()
         twin.plot(

@@ -106,9 +106,19 @@ def log_y(ax: Axes) -> None:
     ax.yaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
 
 
+def log_x(ax: Axes) -> None:
+    """Log x axis with plain numbers, as :func:`log_y`."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    ax.xaxis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1.5, 0.6)))
+
+
 class _PlainLogFormatter(LogFormatter):
     def _pprint_val(self, x: float, d: float) -> str:
         return f"{x:g}"
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"  # matplotlib writes values below 1 as 1e-01
 
 
 def log2_x(ax: Axes, ticks: Sequence[float]) -> None:
