@@ -6,6 +6,8 @@
     python -m lightning_bn.sweep configs/experiments/vgg_norm_lr.yaml --list       # index, status, name
     python -m lightning_bn.sweep configs/experiments/vgg_norm_lr.yaml --dry-run    # the training commands
     python -m lightning_bn.sweep configs/experiments/vgg_norm_lr.yaml --emit-commands > jobs.txt  # one line per run
+    python -m lightning_bn.sweep configs/experiments/vgg_norm_lr.yaml --launcher slurm --slurm.partition gpu
+    python -m lightning_bn.sweep configs/experiments/vgg_norm_lr.yaml --launcher ray --ray.address auto
 
 Runs already complete are skipped; an interrupted or crashed run resumes from its last
 checkpoint. See docs/experiments.md.
@@ -29,7 +31,9 @@ import yaml
 from lightning_bn.errors import ArgumentParser, ConfigError
 from lightning_bn.sweep.commands import display, stage_args
 from lightning_bn.sweep.expand import expand
-from lightning_bn.sweep.runner import DEFAULT_ENTRY, SweepRunner
+from lightning_bn.sweep.launcher import LaunchContext, Launcher, listed_status, make_launcher
+from lightning_bn.sweep.options import LAUNCHER_NAMES, resolve, split_launcher_args
+from lightning_bn.sweep.runner import DEFAULT_ENTRY
 from lightning_bn.sweep.spec import SweepSpec, load_sweep
 from lightning_bn.sweep.state import Plan, plan, write_sweep_record
 
@@ -51,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerun-changed", action="store_true", help="re-run complete runs whose options changed")
     parser.add_argument("--gpus-per-job", type=int, default=0, help="give each parallel job its own K GPUs")
     parser.add_argument("-q", "--quiet", action="store_true", help="don't echo training output (with --jobs 1)")
+    parser.add_argument(
+        "--launcher",
+        choices=LAUNCHER_NAMES,
+        default="local",
+        help="where runs execute: this machine (default), a SLURM job array (submitit), a Ray cluster; "
+        "their options: --slurm.KEY VALUE, --ray.KEY VALUE or the sweep file's launcher: block (docs/experiments.md)",
+    )
     show = parser.add_mutually_exclusive_group()
     show.add_argument("--list", action="store_true", help="print index, status and name of every run; run nothing")
     show.add_argument("--dry-run", action="store_true", help="print the training commands that would run")
@@ -79,6 +90,10 @@ def _sweep_command(args: argparse.Namespace, only: str | None = None) -> str:
         parts += ["--runs-root", args.runs_root]
     for item in args.set:
         parts += ["--set", item]
+    if only is None and args.launcher != "local":  # one emitted command runs one run here, by design
+        parts += ["--launcher", args.launcher]
+        for key, value in args.launcher_options.get(args.launcher, {}).items():
+            parts += [f"--{args.launcher}.{key}", json.dumps(value) if not isinstance(value, str) else value]
     if only is not None:
         parts += ["--only", only]
     return shlex.join(parts)
@@ -105,8 +120,20 @@ def check_runs(spec: SweepSpec, plans: Sequence[Plan], runs_root: str | Path) ->
 def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_ENTRY, out: TextIO | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 a run failed, 2 bad input, 130 interrupted)."""
     out = out if out is not None else sys.stdout
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        rest, launcher_options = split_launcher_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    args = parser.parse_args(rest)
+    args.launcher_options = launcher_options
+    try:
+        for name in launcher_options:
+            if name != args.launcher:
+                raise ConfigError(
+                    f"--{name}.* options are given but the launcher is {args.launcher}; add --launcher {name}"
+                )
         spec = load_sweep(args.sweep_file, full=args.full, extra_overrides=parse_set(args.set))
         runs = expand(spec)
         selected = runs
@@ -119,16 +146,18 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
             if not 0 <= args.index < len(runs):
                 raise ConfigError(f"--index {args.index} is out of range: {spec.name} has runs 0..{len(runs) - 1}")
             selected = [r for r in selected if r.index == args.index]
-        runner = SweepRunner(
+        if isinstance(args.jobs, bool) or args.jobs < 1:  # before the launcher: --jobs 0 is wrong everywhere
+            raise ConfigError(f"jobs must be an integer >= 1, got {args.jobs!r}")
+        context = LaunchContext(
             spec,
             args.runs_root,
-            jobs=args.jobs,
-            gpus_per_job=args.gpus_per_job,
-            entry=entry,
-            echo=args.jobs == 1 and not args.quiet,
+            entry=None if tuple(entry) == DEFAULT_ENTRY else tuple(entry),
             out=out,
             sweep_command=_sweep_command(args),
+            echo=args.jobs == 1 and not args.quiet,
         )
+        options = resolve(args.launcher, spec.launcher, launcher_options.get(args.launcher, {}))
+        launcher = make_launcher(args.launcher, context, options, jobs=args.jobs, gpus_per_job=args.gpus_per_job)
     except ConfigError as err:
         sys.stderr.write(f"error: {err}\n")
         return 2
@@ -136,7 +165,7 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
 
     if args.list:
         for p in plans:
-            out.write(f"{p.run.index}\t{p.status}\t{p.run.name}\n")
+            out.write(f"{p.run.index}\t{listed_status(p)}\t{p.run.name}\n")
         return 0
     if args.emit_commands:
         for p in plans:
@@ -151,16 +180,26 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
                 out.write(display(stage_args(spec, p.run, stage, args.runs_root, resume)) + "\n")
         return 0
 
-    if tuple(entry) == DEFAULT_ENTRY:  # our own training CLI: check the options before any run starts
-        try:
+    try:  # nothing is written or submitted before the launcher and every grid value are accepted
+        if any(p.to_execute for p in plans):
+            launcher.check()
+        if tuple(entry) == DEFAULT_ENTRY:  # our own training CLI: check the options before any run starts
             check_runs(spec, plans, args.runs_root)
-        except ConfigError as err:
-            sys.stderr.write(f"error: {err}\n")
-            return 2
+    except ConfigError as err:
+        launcher.close()
+        sys.stderr.write(f"error: {err}\n")
+        return 2
+    try:
+        return _execute(args, spec, plans, launcher, out)
+    finally:
+        launcher.close()
+
+
+def _execute(args: argparse.Namespace, spec: SweepSpec, plans: Sequence[Plan], launcher: Launcher, out: TextIO) -> int:
     counts = Counter(p.status for p in plans)
     summary = ", ".join(f"{n} {status}" for status, n in counts.items())
     out.write(
-        f"[sweep] {spec.experiment}: {len(plans)} runs ({summary}); {args.jobs} at a time; "
+        f"[sweep] {spec.experiment}: {len(plans)} runs ({summary}); {launcher.where()}; "
         f"logs in {Path(args.runs_root) / spec.experiment}/<run>/train.log\n"
     )
     for p in plans:
@@ -174,11 +213,16 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
     # A cluster preempting the job sends SIGTERM: stop the trainings as cleanly as on Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        outcomes = runner.execute(plans)
+        outcomes = launcher.execute(plans)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as err:  # the scheduler refused the submission: nothing was submitted
+        sys.stderr.write(f"error: {err}\n")
+        return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if not launcher.waits:
+        return 0
     failed = [o for o in outcomes if not o.ok]
     skipped = sum(1 for p in plans if not p.to_execute)
     out.write(

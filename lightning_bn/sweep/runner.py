@@ -20,39 +20,18 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any, TextIO
 
 from lightning_bn.errors import ConfigError
 from lightning_bn.sweep.commands import LAST_CHECKPOINT, display, option_args, stage_args
+from lightning_bn.sweep.progress import Outcome, Progress, duration, now
 from lightning_bn.sweep.spec import SweepSpec
 from lightning_bn.sweep.state import LOG_FILE, RUN_FILE, Plan, read_record, write_record
 
 DEFAULT_ENTRY = (sys.executable, "-m", "lightning_bn")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    plan: Plan
-    ok: bool
-    seconds: float
-    failed_stage: str | None = None
-    returncode: int | None = None
-    message: str = ""
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+__all__ = ["DEFAULT_ENTRY", "Outcome", "SweepRunner", "duration", "now"]
 
 
 class SweepRunner:
@@ -70,6 +49,13 @@ class SweepRunner:
         echo: copy the training output to ``out`` as well as to ``train.log``.
         out: where progress lines go.
         sweep_command: the command line of this sweep, recorded in run.json.
+        record_extra: more fields for run.json (a cluster task records its job there).
+        ignore_signals: signals the training processes ignore. A SLURM job step's warning
+            signal (USR2) reaches every process of the step; its default action would kill the
+            training outright, where the task stops it cleanly instead (see slurm_task.py).
+        default_signals: signals the training processes handle by default even if this process
+            ignores or blocks them. A Ray worker blocks SIGINT (children inherit the mask); its
+            trainings must still stop on SIGINT.
     """
 
     def __init__(
@@ -83,6 +69,9 @@ class SweepRunner:
         echo: bool = False,
         out: TextIO | None = None,
         sweep_command: str = "",
+        record_extra: dict[str, Any] | None = None,
+        ignore_signals: Sequence[int] = (),
+        default_signals: Sequence[int] = (),
     ) -> None:
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}")
@@ -91,24 +80,25 @@ class SweepRunner:
         self.spec, self.runs_root, self.jobs, self.gpus_per_job = spec, runs_root, jobs, gpus_per_job
         self.entry, self.echo, self.sweep_command = list(entry), echo, sweep_command
         self.out = out if out is not None else sys.stdout
+        self.record_extra, self.ignore_signals = dict(record_extra or {}), tuple(ignore_signals)
+        self.default_signals = tuple(default_signals)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._live: set[subprocess.Popen] = set()
-        self._started = self._finished = self._failed = 0
-        self._durations: list[float] = []
-        self._total = 0
+        self._progress = Progress(0, jobs, self.out)
+        self._futures: list[Any] = []
 
     # -- public -----------------------------------------------------------------------
     def execute(self, plans: Sequence[Plan]) -> list[Outcome]:
         """Run every plan that needs running; returns their outcomes (in completion order)."""
         todo = [p for p in plans if p.to_execute]
-        self._total = len(todo)
+        self._progress = Progress(len(todo), self.jobs, self.out)
         slots: queue.Queue[int] = queue.Queue()
         for slot in range(self.jobs):
             slots.put(slot)
         outcomes: list[Outcome] = []
         pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="sweep")
-        futures = [pool.submit(self._guarded, plan, slots) for plan in todo]
+        futures = self._futures = [pool.submit(self._guarded, plan, slots) for plan in todo]
         try:
             for future in as_completed(futures):
                 outcomes.append(future.result())
@@ -128,12 +118,31 @@ class SweepRunner:
         which Lightning also turns into a graceful stop.
         """
         self._stop.set()
-        stop = signal.SIGTERM if signal.getsignal(signal.SIGINT) == signal.SIG_IGN else signal.SIGINT
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.SIGINT not in self.default_signals
+        stop = signal.SIGTERM if ignored else signal.SIGINT
         with self._lock:
             for process in list(self._live):
                 if process.poll() is None:
                     process.send_signal(stop)
         self._say("[sweep] interrupted: stopping the running trainings; run the same command again to resume")
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until every run of :meth:`execute` has ended (after :meth:`interrupt`); True if they did."""
+        return not wait_futures(self._futures, timeout=timeout).not_done
+
+    def mark_queued(self, plan: Plan, launcher: dict[str, Any]) -> None:
+        """Write run.json of a run handed to a scheduler: ``--list`` shows it queued, and a run
+        restarted from scratch is cleared now, so that its task never resumes a stale checkpoint."""
+        previous = read_record(plan.dir) or {}
+        if plan.status == "restart":
+            self._clear(plan.dir)
+            previous = {"attempts": previous.get("attempts", 0)}
+        plan.dir.mkdir(parents=True, exist_ok=True)
+        record = self._record(plan, previous)
+        for key in ("host", "pid", "started"):
+            record.pop(key)
+        record.update(status="queued", queued=now(), attempts=previous.get("attempts", 0), launcher=launcher)
+        write_record(plan.dir, record)
 
     # -- one run ----------------------------------------------------------------------
     def _guarded(self, plan: Plan, slots: queue.Queue[int]) -> Outcome:
@@ -158,11 +167,8 @@ class SweepRunner:
         directory.mkdir(parents=True, exist_ok=True)
         record = self._record(plan, previous)
         write_record(directory, record)
-        with self._lock:
-            self._started += 1
-            number = self._started
         note = f" ({plan.status}: {plan.reason})" if plan.status != "pending" and plan.reason else ""
-        self._say(f"[{number:>{len(str(self._total))}}/{self._total}] start   {run.name}{note}")
+        self._progress.started(run.name, note)
         began = time.monotonic()
         for stage in plan.stages:
             resume = plan.resume_from if stage == spec.command else None
@@ -210,6 +216,7 @@ class SweepRunner:
             "started": now(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            **self.record_extra,
         }
 
     def _finish(
@@ -268,6 +275,7 @@ class SweepRunner:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                preexec_fn=self._child_signals if self.ignore_signals or self.default_signals else None,
             )
             with self._lock:
                 self._live.add(process)
@@ -283,33 +291,17 @@ class SweepRunner:
                 with self._lock:
                     self._live.discard(process)
 
+    def _child_signals(self) -> None:  # in the child, before exec: SIG_IGN and SIG_DFL survive exec
+        for number in self.ignore_signals:
+            signal.signal(number, signal.SIG_IGN)
+        for number in self.default_signals:
+            signal.signal(number, signal.SIG_DFL)
+        if self.default_signals:  # a blocked signal stays blocked across exec, too
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, self.default_signals)
+
     # -- progress ---------------------------------------------------------------------
     def _say(self, line: str) -> None:
-        with self._lock:
-            self.out.write(line + "\n")
-            self.out.flush()
+        self._progress.say(line)
 
     def _report(self, plan: Plan, outcome: Outcome) -> None:
-        with self._lock:
-            self._finished += 1
-            self._failed += not outcome.ok
-            if outcome.ok:
-                self._durations.append(outcome.seconds)
-            left = self._total - self._finished
-            eta = ""
-            if self._durations and left:
-                mean = sum(self._durations) / len(self._durations)
-                eta = f"; about {duration(mean * left / self.jobs)} left"
-            counts = f"({self._finished - self._failed} done, {self._failed} failed, {left} to go{eta})"
-        number = f"[{self._finished:>{len(str(self._total))}}/{self._total}]"
-        if outcome.ok:
-            self._say(f"{number} done    {plan.run.name}  {duration(outcome.seconds)}  {counts}")
-            return
-        what = outcome.message or f"{outcome.failed_stage} exited with status {outcome.returncode}"
-        log = plan.dir / LOG_FILE
-        tail = ""
-        if log.is_file() and outcome.returncode is not None:
-            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-5:]
-            tail = "".join(f"\n      | {ln[:200]}" for ln in lines)
-        self._say(f"{number} FAILED  {plan.run.name}: {what}  {counts}")
-        self._say(f"      log: {log}{tail}")
+        self._progress.finished(outcome)

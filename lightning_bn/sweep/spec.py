@@ -19,6 +19,8 @@
       full:                                  # only with --full (paper scale)
         overrides: {trainer.max_epochs: 100}
         grid: {seed_everything: [0, 1, 2]}
+      launcher:                              # options of --launcher slurm / ray (options.py)
+        slurm: {partition: gpu, time: 240, gpus_per_run: 1}
 
 An *option* is a LightningCLI key: it contains a dot or is one of :data:`TOP_LEVEL_OPTIONS`;
 it reaches the run as ``--<key>=<value>``. Any other key is a *variable*: it only feeds
@@ -39,6 +41,7 @@ import yaml
 
 from lightning_bn.errors import ConfigError
 from lightning_bn.sweep import expr
+from lightning_bn.sweep.options import check_block
 
 TOP_LEVEL_OPTIONS = ("seed_everything", "ckpt_path", "optimizer", "lr_scheduler", "model", "data", "trainer")
 COMMANDS = ("fit", "validate", "test")
@@ -56,8 +59,9 @@ SWEEP_KEYS = (
     "checkpoint",
     "checkpoint_every_n_steps",
     "report",
+    "launcher",
 )
-FULL_KEYS = ("description", "grid", "derived", "overrides")
+FULL_KEYS = ("description", "grid", "derived", "overrides", "launcher")
 REPORT_KEYS = ("batch_size", "lr")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -131,6 +135,7 @@ class SweepSpec:
     checkpoint_every_n_steps: int | None = None
     report: Mapping[str, str] = field(default_factory=dict)
     full: bool = False
+    launcher: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # slurm:/ray: options (options.py)
 
     @property
     def experiment(self) -> str:
@@ -197,6 +202,10 @@ def build_spec(
         grid = {**grid, **_mapping(full_block.get("grid") or {}, f"{where}.full.grid")}
         derived = {**derived, **_mapping(full_block.get("derived") or {}, f"{where}.full.derived")}
         overrides = {**overrides, **_mapping(full_block.get("overrides") or {}, f"{where}.full.overrides")}
+    launcher = check_block(raw.get("launcher") or {}, f"{where}.launcher")
+    full_launcher = check_block(full_block.get("launcher") or {}, f"{where}.full.launcher")
+    if full:  # paper scale asks for more time and GPUs: merged per launcher, key by key
+        launcher = {n: {**launcher.get(n, {}), **full_launcher.get(n, {})} for n in {*launcher, *full_launcher}}
     for key, value in (extra_overrides or {}).items():
         overrides[key] = value
 
@@ -248,6 +257,7 @@ def build_spec(
         checkpoint_every_n_steps=every,
         report={str(k): str(v) for k, v in report.items()},
         full=full,
+        launcher=launcher,
     )
 
 
