@@ -216,7 +216,9 @@ def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
         twin.grid(False)
         if ax is axes.ravel()[0]:
             ax.plot([], [], color="black", linestyle="--", marker="s", label="test accuracy (right axis)")
-    legend(fig, axes)
+    # below the figure: inside a panel it would cover points of one of the two y axes
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
     caption = (
         "Final Keskar sharpness (left, log scale, one line per protocol) and test accuracy (right, dashed) against "
         "the batch size, means over seeds (Keskar et al. Fig. 4: sharpness rises and test accuracy falls with "
