@@ -10,6 +10,8 @@ gives the same numbers on every device.
 - :func:`power_iteration`: PyHessian's method (power iteration, deflation by
   orthogonalization against the eigenvectors already found); finds the eigenvalues of
   largest *magnitude*. Kept as the reference our benchmark compares against.
+- :func:`lanczos_tridiagonal`: the Lanczos iteration itself (the tridiagonal matrix T and the
+  basis), shared with the spectral density (:mod:`callbacks.density`).
 - :func:`hutchinson_trace`: tr(H) = E[v^T H v] for Rademacher v (Hutchinson, 1990),
   optionally split into the trace of each diagonal block (per layer) at no extra cost.
 
@@ -109,42 +111,78 @@ def lanczos(
     _check("max_iter", max_iter, k)
     _check("tol", tol, 0.0)
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    steps = min(max_iter, n)
-    basis = [_start_vector(n, generator, like, start)]
-    alphas: list[float] = []
-    betas: list[float] = []
-    converged = False
-    for j in range(steps):
-        w = matvec(basis[j])
-        alphas.append(float(w @ basis[j]))
-        # Two passes of classical Gram-Schmidt against the whole basis ("twice is enough").
-        stacked = torch.stack(basis)
-        for _ in range(2):
-            w = w - stacked.T @ (stacked @ w)
-        beta = float(w.norm())
-        if len(alphas) >= k and bool((_error_bounds(alphas, betas, beta, k) < tol).all()):
-            converged = True
-            break
-        # An invariant subspace: the Ritz values are exact eigenvalues of H.
-        if beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
-            converged = len(alphas) >= k
-            break
-        if j + 1 < steps:
-            betas.append(beta)
-            basis.append(w / beta)
+
+    def bounds_met(alphas: list[float], betas: list[float], beta: float) -> bool:
+        return len(alphas) >= k and bool((_error_bounds(alphas, betas, beta, k) < tol).all())
+
+    run = lanczos_tridiagonal(matvec, _start_vector(n, generator, like, start), min(max_iter, n), bounds_met)
+    alphas, betas = run.alphas, run.betas
+    converged = run.stopped or (run.invariant and len(alphas) >= k)
     if len(alphas) < k:
         raise ValueError(f"the operator has an invariant subspace of dimension {len(alphas)} < k={k}")
-    values, vectors = _ritz(alphas, betas)
+    values, vectors = tridiagonal_eigh(alphas, betas)
     order = values.argsort(descending=True)[:k]
-    basis_matrix = torch.stack(basis[: len(alphas)])
-    ritz_vectors = vectors[:, order].T.to(dtype=like.dtype, device=like.device) @ basis_matrix
+    ritz_vectors = vectors[:, order].T.to(dtype=like.dtype, device=like.device) @ run.basis
     converged = converged or len(alphas) == n
     return EigenResult(values[order].to(like.dtype), ritz_vectors, len(alphas), converged)
 
 
+@dataclass(frozen=True)
+class Tridiagonal:
+    """m Lanczos steps: T's diagonal ``alphas`` (m), off-diagonal ``betas`` (m - 1), the basis
+    (m x n, orthonormal rows); ``stopped``: the stop rule ended it; ``invariant``: the Krylov
+    space became invariant (T's eigenvalues are then exact eigenvalues of H)."""
+
+    alphas: list[float]
+    betas: list[float]
+    basis: Tensor
+    stopped: bool
+    invariant: bool
+
+
+StopRule = Callable[[list[float], list[float], float], bool]
+
+
+def lanczos_tridiagonal(matvec: MatVec, start: Tensor, steps: int, stop: StopRule | None = None) -> Tridiagonal:
+    """At most ``steps`` steps of symmetric Lanczos from the unit vector ``start``, with full
+    re-orthogonalization; one product per step. ``stop(alphas, betas, beta)`` (beta: the next
+    off-diagonal entry) may end it early. Shared by :func:`lanczos` (top eigenvalues) and
+    :func:`callbacks.density.slq` (spectral density)."""
+    # The basis lives in one matrix whose capacity doubles as needed: re-stacking a list of
+    # vectors at every step cost as much as the re-orthogonalization itself.
+    basis = start.new_empty((min(steps, 8), start.numel()))
+    basis[0] = start
+    alphas: list[float] = []
+    betas: list[float] = []
+    stopped = invariant = False
+    for j in range(steps):
+        w = matvec(basis[j])
+        alphas.append(float(w @ basis[j]))
+        # Two passes of classical Gram-Schmidt against the whole basis ("twice is enough").
+        active = basis[: j + 1]
+        for _ in range(2):
+            w = w - active.T @ (active @ w)
+        beta = float(w.norm())
+        if stop is not None and stop(alphas, betas, beta):
+            stopped = True
+            break
+        # An invariant subspace: the Ritz values are exact eigenvalues of H.
+        if beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
+            invariant = True
+            break
+        if j + 1 < steps:
+            betas.append(beta)
+            if j + 1 == basis.shape[0]:
+                grown = basis.new_empty((min(steps, 2 * basis.shape[0]), basis.shape[1]))
+                grown[: j + 1] = basis
+                basis = grown
+            basis[j + 1] = w / beta
+    return Tridiagonal(alphas, betas, basis[: len(alphas)], stopped, invariant)
+
+
 def _error_bounds(alphas: list[float], betas: list[float], beta: float, k: int) -> Tensor:
     """Relative a-posteriori error bounds min(r, r^2 / gap) / |theta| of the k top Ritz values."""
-    values, vectors = _ritz(alphas, betas)
+    values, vectors = tridiagonal_eigh(alphas, betas)
     residuals = (beta * vectors[-1, -k:]).abs().flip(0)  # r_i = |beta_m s_{m,i}|
     top = values[-k:].flip(0)
     bounds = residuals.clone()
@@ -156,7 +194,7 @@ def _error_bounds(alphas: list[float], betas: list[float], beta: float, k: int) 
     return bounds / top.abs().clamp_min(1e-300)
 
 
-def _ritz(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
+def tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition (ascending) of the Lanczos tridiagonal matrix, in float64."""
     m = len(alphas)
     t = torch.diag(torch.tensor(alphas, dtype=torch.float64))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from callbacks import HessianCallback
+from callbacks import HessianCallback, MeasurementWarning
 from callbacks.hessian_math import hutchinson_trace, lanczos
 from callbacks.hvp import flatten, unflatten
 from tests._tiny_modules import RecordingLogger, TinyClassifier, classification_loader, make_trainer
@@ -88,6 +89,50 @@ def test_per_layer_traces_and_eigenvalues_are_the_dense_diagonal_blocks():
     assert block_sum == pytest.approx(values["hessian/trace"], rel=1e-5)
 
 
+def test_density_npz_figure_and_moments_against_the_dense_hessian(tmp_path):
+    """SLQ in a real fit: the .npz per measurement and the figure are written, the logged
+    support is the dense spectrum's, the moments estimate tr(H)/n and ||H||_F^2/n."""
+    cb = HessianCallback(
+        top_k=1, trace=False, density=True, density_runs=16, density_steps=30, num_batches=2, density_bins=500
+    )
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
+    torch.manual_seed(0)
+    module = TinyClassifier()
+    make_trainer(-1, [cb], logger, max_epochs=1).fit(module, classification_loader(n=48, batch_size=16))
+    files = sorted((tmp_path / "tb" / "version_0" / "hessian_density").glob("step_*.npz"))
+    assert [f.name for f in files] == ["step_00000002.npz"]  # the epoch end (= the end of training)
+    saved = np.load(files[-1])
+    assert saved["nodes"].shape == saved["weights"].shape == (16, 30) and saved["density"].shape == (500,)
+    assert int(saved["step"]) == 2 and int(saved["num_params"]) == sum(p.numel() for p in module.parameters())
+    h = dense_hessian(module, cb.sample(module.trainer), "eval")
+    n, spectrum = h.shape[0], torch.linalg.eigvalsh(h)
+    nodes, weights = torch.from_numpy(saved["nodes"]), torch.from_numpy(saved["weights"])
+    for power, exact in ((1, float(h.trace()) / n), (2, float(h.square().sum()) / n)):
+        samples = (weights * nodes**power).sum(1)
+        assert abs(float(samples.mean()) - exact) < 4 * float(samples.std()) / len(samples) ** 0.5, power
+    scale = float(spectrum.abs().max())
+    assert cb.last_values["hessian/spectrum_max"] == pytest.approx(float(spectrum[-1]), abs=1e-3 * scale)
+    assert cb.last_values["hessian/spectrum_min"] == pytest.approx(float(spectrum[0]), abs=1e-3 * scale)
+    assert cb.last_values["hessian/top_eigenvalue"] == pytest.approx(float(spectrum[-1]), rel=1e-3)
+    assert 0.0 <= cb.last_values["hessian/negative_mass"] <= 1.0
+    events = b"".join(f.read_bytes() for f in (tmp_path / "tb" / "version_0").glob("events.out.tfevents.*"))
+    assert b"hessian/density" in events  # the figure
+
+
+def test_density_off_leaves_every_other_estimate_unchanged(tmp_path):
+    """The density draws its random vectors last: turning it on changes no other value."""
+    common = {"top_k": 2, "max_iter": 30, "tol": 1e-6, "per_layer": True, "num_batches": 2, "every_n_epochs": None}
+    _, plain = fit(HessianCallback(**common))
+    with pytest.warns(MeasurementWarning, match="no TensorBoardLogger"):  # the figure needs one; the .npz not
+        _, with_density = fit(HessianCallback(**common, density=True, density_steps=10, density_dir=str(tmp_path)))
+    assert len(list(tmp_path.glob("step_*.npz"))) == 1
+    without = plain.records[-1][1]
+    assert {k: v for k, v in with_density.records[-1][1].items() if k in without and k != "hessian/num_hvps"} == {
+        k: v for k, v in without.items() if k != "hessian/num_hvps"
+    }
+    assert with_density.records[-1][1]["hessian/num_hvps"] == without["hessian/num_hvps"] + 10
+
+
 def test_power_method_matches_the_dense_largest_magnitude_eigenvalue():
     cb = HessianCallback(trace=False, method="power", max_iter=300, tol=1e-8, num_batches=2, every_n_epochs=None)
     module, logger = fit(cb)
@@ -110,17 +155,30 @@ def test_measures_at_epoch_ends_and_once_at_the_end_of_training():
     assert sorted(logger.values("hessian/top_eigenvalue")) == [0, 2, 4, 5]
 
 
-def test_no_observer_effect_bit_identical_fit():
+def test_no_observer_effect_bit_identical_fit(tmp_path):
     def run(callbacks):
         torch.manual_seed(0)
         module = TinyClassifier(norm="batch", dropout=0.2)
-        trainer = make_trainer(6, callbacks, RecordingLogger())
+        tensorboard = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=len(callbacks))
+        trainer = make_trainer(6, callbacks, [tensorboard, RecordingLogger()])
         trainer.fit(module, classification_loader(n=48, batch_size=16))
         return module, trainer, torch.get_rng_state()
 
     plain, plain_trainer, plain_rng = run([])
-    cb = HessianCallback(top_k=2, max_iter=12, tol=0.5, per_layer=True, num_batches=2, every_n_steps=1, bn_mode="train")
+    cb = HessianCallback(
+        top_k=2,
+        max_iter=12,
+        tol=0.5,
+        per_layer=True,
+        num_batches=2,
+        every_n_steps=1,
+        bn_mode="train",
+        density=True,
+        density_steps=8,
+        density_runs=2,
+    )
     measured, trainer, rng = run([cb])
+    assert len(list((tmp_path / "tb" / "version_1" / "hessian_density").glob("step_*.npz"))) == 6
     assert cb.last_values and cb.last_measured_step is not None
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), measured.state_dict().values()))
     for a, b in zip(plain_trainer.optimizers[0].state.values(), trainer.optimizers[0].state.values()):
@@ -131,6 +189,7 @@ def test_no_observer_effect_bit_identical_fit():
 
 def test_state_key_distinguishes_configurations():
     assert HessianCallback(top_k=1).state_key != HessianCallback(top_k=2).state_key
+    assert HessianCallback(density=True).state_key != HessianCallback().state_key
 
 
 @pytest.mark.parametrize(
@@ -148,6 +207,12 @@ def test_state_key_distinguishes_configurations():
         ({"every_n_epochs": None, "at_train_end": False}, "nothing would be measured"),
         ({"bn_mode": "frozen"}, "bn_mode"),
         ({"start": "zeros"}, "start must be one of"),
+        ({"density": 1}, "density"),
+        ({"density_runs": 0}, "density_runs"),
+        ({"density_steps": 1}, "density_steps"),
+        ({"density_sigma_squared": 0.0}, "density_sigma_squared"),
+        ({"density_bins": 1}, "density_bins"),
+        ({"density_dir": 3}, "density_dir"),
     ],
 )
 def test_arguments_are_checked_at_once(kwargs, name):
@@ -185,11 +250,15 @@ def test_ddp_measures_the_hessian_of_the_global_sample(tmp_path):
     """2 ranks x 2 batches of 8 = one process x 2 batches of 16: both samples are the whole data set."""
 
     def callback() -> HessianCallback:
-        return HessianCallback(top_k=2, max_iter=60, tol=1e-8, num_batches=2, every_n_epochs=None)
+        return HessianCallback(
+            top_k=2, max_iter=60, tol=1e-8, num_batches=2, every_n_epochs=None, density=True, density_steps=30
+        )
 
     torch.manual_seed(0)
     single = RecordingLogger()
-    make_trainer(2, [callback()], single).fit(ShardedNet(), classification_loader(n=32, batch_size=16))
+    single_trainer = make_trainer(2, [callback()], single, default_root_dir=tmp_path / "single")
+    with pytest.warns(MeasurementWarning, match="no TensorBoardLogger"):
+        single_trainer.fit(ShardedNet(), classification_loader(n=32, batch_size=16))
     torch.manual_seed(0)
     csv = pl.loggers.CSVLogger(tmp_path, name="ddp", version=0)
     trainer = make_trainer(2, [callback()], csv, devices=2, strategy="ddp_spawn", use_distributed_sampler=True)
@@ -197,7 +266,9 @@ def test_ddp_measures_the_hessian_of_the_global_sample(tmp_path):
     import csv as csv_module
 
     rows = [r for r in csv_module.DictReader(open(tmp_path / "ddp" / "version_0" / "metrics.csv"))]
-    for key in ("hessian/eigenvalue_1", "hessian/eigenvalue_2", "hessian/trace"):
+    assert len(list((tmp_path / "ddp" / "version_0" / "hessian_density").glob("*.npz"))) == 1
+    keys = ("hessian/eigenvalue_1", "hessian/eigenvalue_2", "hessian/trace")
+    for key in keys + ("hessian/spectrum_min", "hessian/spectrum_max", "hessian/negative_mass"):
         (ddp,) = [float(r[key]) for r in rows if r.get(key)]
         (reference,) = single.values(key).values()
         assert ddp == pytest.approx(reference, rel=1e-4), key
