@@ -229,13 +229,13 @@ def interpolate(
 
 
 # -- outputs ------------------------------------------------------------------------------
-def write_csv(rows: Sequence[dict[str, float]], path: str | Path) -> Path:
+def write_csv(rows: Sequence[dict[str, float]], path: str | Path, columns: Sequence[str] = COLUMNS) -> Path:
     """The table as CSV; written to a temporary file and renamed, so never half written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, path)
