@@ -30,6 +30,7 @@ STEP = "training step"
 MAX_LAYERS = 4
 COVERED = re.compile(
     r"(train|val|test|landscape)/.*|ics/.+/(l2_diff|cosine)|activations/.+/(mean|std|mean_drift|std_drift)"
+    r"|normgrad/.+/(ratio|gain|in_norm|out_norm|in_norm_lemma|mean_term|scale_term)"
 )
 # Bookkeeping of the measurements (Hessian-vector products used, the standard error of the trace
 # estimate, the fraction of sharpness coordinates at their bound): in the logs, not in figures.
@@ -171,6 +172,23 @@ def ics_figure(exp: Experiment) -> ReportFigure | None:
         f"up to {MAX_LAYERS} layers from first to last."
     )
     return _per_layer_figure(exp, "ics", rows, "ics", "internal covariate shift", caption)
+
+
+def norm_gradient_figure(exp: Experiment) -> ReportFigure | None:
+    rows = [
+        ("ratio", r"$\|\partial L/\partial y\| \,/\, \|\partial L/\partial z\|$", True),
+        ("gain", r"mean $\gamma^2/\sigma^2$", True),
+        ("in_norm", r"$\|\partial L/\partial y\|$", True),
+    ]
+    caption = (
+        "Santurkar et al. Lemma 4.1 measured in training (NormGradientCallback, docs/norm-gradient.md): per "
+        "normalization layer, the gradient norm below the layer over the norm above it (exactly 1 at a standard "
+        "network's placeholder), BatchNorm's gain γ²/σ² that rescales it, and the gradient norm below the layer; "
+        f"up to {MAX_LAYERS} layers from first to last."
+    )
+    return _per_layer_figure(
+        exp, "normgrad", rows, "norm_gradient", "gradient through the normalization layers", caption
+    )
 
 
 def activation_figure(exp: Experiment) -> ReportFigure | None:
