@@ -32,12 +32,10 @@ import contextlib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hessian_vs_pyhessian import PyHessianRun, timed, train
+from hessian_vs_pyhessian import PyHessianRun, frozen_model, timed
 
 from callbacks.density import SpectralQuadrature, broadened_density, slq
 from callbacks.hvp import HessianVectorProduct
-from lightning_bn.data.base import CIFAR10_MEAN, CIFAR10_STD, normalize_uint8
-from lightning_bn.data.embedded import load_embedded_cifar10
 
 
 @contextlib.contextmanager
@@ -118,13 +116,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (median)")
     args = parser.parse_args()
 
-    raw = load_embedded_cifar10()["train"]
-    images, labels = normalize_uint8(raw[0], CIFAR10_MEAN, CIFAR10_STD), raw[1]
-    model = train(args.width, args.steps, images, labels)
-    for p in model.parameters():
-        p.grad = None
-    x, y = images[-args.batch :], labels[-args.batch :]
-    n = sum(p.numel() for p in model.parameters())
+    model, x, y, n = frozen_model(args.width, args.steps, args.batch)
     print(f"VGG width {args.width}: {n} parameters, batch {args.batch}, {args.runs} SLQ run(s) x {args.iter} steps")
 
     # interleaved, so that a change of machine load between phases does not bias the ratio

@@ -55,6 +55,17 @@ def train(width: float, steps: int, images: torch.Tensor, labels: torch.Tensor) 
     return model.eval()
 
 
+def frozen_model(width: float, steps: int, batch: int) -> tuple[VGG, torch.Tensor, torch.Tensor, int]:
+    """(model trained ``steps`` steps on the embedded CIFAR-10, then frozen; the last ``batch``
+    training images and labels; the number of parameters): what the Hessian is computed on."""
+    raw = load_embedded_cifar10()["train"]
+    images, labels = normalize_uint8(raw[0], CIFAR10_MEAN, CIFAR10_STD), raw[1]
+    model = train(width, steps, images, labels)
+    for p in model.parameters():
+        p.grad = None
+    return model, images[-batch:], labels[-batch:], sum(p.numel() for p in model.parameters())
+
+
 def ours_eigen(model, x, y, k, max_iter, tol, start="gradient"):
     """HessianCallback's defaults: Lanczos from the gradient mixed with a random vector."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,13 +183,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each method (median time)")
     args = parser.parse_args()
 
-    raw = load_embedded_cifar10()["train"]
-    images, labels = normalize_uint8(raw[0], CIFAR10_MEAN, CIFAR10_STD), raw[1]
-    model = train(args.width, args.steps, images, labels)
-    for p in model.parameters():
-        p.grad = None
-    x, y = images[-args.batch :], labels[-args.batch :]
-    n = sum(p.numel() for p in model.parameters())
+    model, x, y, n = frozen_model(args.width, args.steps, args.batch)
     print(f"VGG width {args.width}: {n} parameters, batch {args.batch}, tol {args.tol}, max_iter {args.max_iter}")
 
     it, tol, reps = args.max_iter, args.tol, args.repeats

@@ -57,6 +57,22 @@ def norm_layers(module: nn.Module) -> list[str]:
     return names
 
 
+def resolve_norm_layers(
+    owner: str, pl_module: nn.Module, layers: list[str] | None
+) -> tuple[dict[str, nn.Module], list[str]]:
+    """``(named modules, the layers to hook)``: ``layers`` if given (each must be a module of
+    ``pl_module``), else every normalization layer; ValueError naming ``owner`` if none."""
+    modules = dict(pl_module.named_modules())
+    names = list(layers) if layers is not None else norm_layers(pl_module)
+    missing = [n for n in names if n not in modules]
+    if missing:
+        known = ", ".join(norm_layers(pl_module)[:8]) or "none found"
+        raise ValueError(f"{owner} layers {missing} are not modules of the model; norms: {known}")
+    if not names:
+        raise ValueError(f"{owner} found no normalization layer; pass layers=[...] (module names)")
+    return modules, names
+
+
 def unit_moments(x: Tensor) -> Tensor:
     """Per-unit (dimension 1) count, sum and sum of squares, stacked as (3, units), float64."""
     x = x.detach().double()
@@ -137,16 +153,9 @@ class ActivationStatsCallback(MeasurementCallback):
 
     # -- hooks on the training forward ----------------------------------------------------
     def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        names = self.layers if self.layers is not None else norm_layers(pl_module)
-        missing = [n for n in names if n not in modules]
-        if missing:
-            known = ", ".join(norm_layers(pl_module)[:8]) or "none found"
-            raise ValueError(f"ActivationStatsCallback layers {missing} are not modules of the model; norms: {known}")
-        if not names:
-            raise ValueError("ActivationStatsCallback found no normalization layer; pass layers=[...] (module names)")
+        modules, names = resolve_norm_layers(type(self).__name__, pl_module, self.layers)
         self.teardown_measurement(trainer, pl_module)
-        self._names = list(names)
+        self._names = names
         self._keep_values = self.histograms and self._has_tensorboard(trainer)
         for name in self._names:
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))

@@ -32,7 +32,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from callbacks.activations import norm_layers
+from callbacks.activations import resolve_norm_layers
 from callbacks.base import BNMode, MeasurementCallback
 from callbacks.context import StepContext
 from callbacks.distributed import all_reduce_sum, world_size
@@ -141,16 +141,9 @@ class NormGradientCallback(MeasurementCallback):
 
     # -- hooks on the training step --------------------------------------------------------
     def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        modules = dict(pl_module.named_modules())
-        names = self.layers if self.layers is not None else norm_layers(pl_module)
-        missing = [n for n in names if n not in modules]
-        if missing:
-            known = ", ".join(norm_layers(pl_module)[:8]) or "none found"
-            raise ValueError(f"NormGradientCallback layers {missing} are not modules of the model; norms: {known}")
-        if not names:
-            raise ValueError("NormGradientCallback found no normalization layer; pass layers=[...] (module names)")
+        modules, names = resolve_norm_layers(type(self).__name__, pl_module, self.layers)
         self.teardown_measurement(trainer, pl_module)
-        self._names = list(names)
+        self._names = names
         bn = nn.modules.batchnorm._BatchNorm
         self._batch_norms = {
             n for n in names if isinstance(modules[n], bn) and not isinstance(modules[n], nn.SyncBatchNorm)

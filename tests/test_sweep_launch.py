@@ -28,6 +28,7 @@ from lightning_bn.sweep import build_spec
 from lightning_bn.sweep.__main__ import main as sweep_main
 from lightning_bn.sweep.options import split_launcher_args
 from lightning_bn.sweep.state import read_record
+from tests.test_sweep import write_sweep
 
 # Stands in for `python -m lightning_bn`: records each call, writes last.ckpt in fit, can fail,
 # or sleep until interrupted (never when resuming), and notes the signal that stopped it.
@@ -92,11 +93,6 @@ def stub(tmp_path, monkeypatch):
         return [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []
 
     return [sys.executable, str(script)], read_calls
-
-
-def write_sweep(path: Path, sweep: dict) -> Path:
-    path.write_text(json.dumps({"sweep": sweep}))  # JSON is YAML
-    return path
 
 
 def run_sweep(entry, *argv):
