@@ -16,6 +16,9 @@ batch (x_t, y_t):
 * with ``log_each_step_size=True`` also ``landscape/loss/<eta>`` and ``landscape/grad_diff/<eta>``
   for every eta, ``<eta>`` = ``lr_x<multiplier>`` (e.g. ``lr_x0.5``) or ``eta_<value>``.
 
+With ``key_suffix`` (e.g. ``"_unit"``) every key ends in it (``landscape/loss_min_unit``), so
+two instances, say one per ``direction``, measure in the same run without overwriting each other.
+
 Cost per measurement: exactly len(grid) forward+backward passes of the step's batch (8 by
 default), plus bookkeeping that benchmarks/landscape_cost.py measures against them. Memory: the
 core's copies of W_t and g_t, plus four parameter-sized buffers (W_t and g_t packed, W(eta),
@@ -45,7 +48,7 @@ from callbacks.landscape_math import (
     summarize,
 )
 from callbacks.landscape_plot import plot_landscape
-from callbacks.validation import check_choice, check_int, check_positive_numbers, fail
+from callbacks.validation import check_choice, check_int, check_key_suffix, check_positive_numbers, fail
 from callbacks.writers import tensorboard_writer
 
 PREFIX = "landscape/"
@@ -83,6 +86,8 @@ class LandscapeCallback(MeasurementCallback):
             in parameter space (``step_sizes`` are then these distances and are required),
             so two networks are compared at the same distance. The same keys; beta is
             ||grad L(W) - g_t|| / (distance moved) in both. Per-size keys are ``dist_<d>``.
+        key_suffix: appended to every key of this instance (``""`` or ``_``-separated words,
+            e.g. ``"_unit"``), so that several instances can run side by side.
         start_step, end_step, log_points_per_decade: the schedule (see ``Schedule``).
     """
 
@@ -101,6 +106,7 @@ class LandscapeCallback(MeasurementCallback):
         figure_every_n_steps: int | None = 500,
         log_each_step_size: bool = False,
         direction: Literal["gradient", "unit"] = "gradient",
+        key_suffix: str = "",
         start_step: int = 0,
         end_step: int | None = None,
         log_points_per_decade: int | None = None,
@@ -120,6 +126,7 @@ class LandscapeCallback(MeasurementCallback):
         if direction == "unit" and step_sizes is None:
             fail(owner, "step_sizes", None, "is required with direction='unit' (distances in parameter space)")
         self.direction = direction
+        self.key_suffix = check_key_suffix(owner, key_suffix)
         check_int(owner, "chunk_size", chunk_size, 1, optional=True)
         check_int(owner, "figure_every_n_steps", figure_every_n_steps, 1, optional=True)
         self.method: Method = method
@@ -134,7 +141,12 @@ class LandscapeCallback(MeasurementCallback):
 
     def state_key_fields(self) -> dict[str, Any]:
         fields = {**super().state_key_fields(), "step_sizes": self.step_sizes, "lr_multipliers": self.lr_multipliers}
-        return {**fields, "direction": self.direction} if self.direction != "gradient" else fields
+        fields = {**fields, "direction": self.direction} if self.direction != "gradient" else fields
+        return {**fields, "key_suffix": self.key_suffix} if self.key_suffix else fields
+
+    def key(self, name: str) -> str:
+        """The logged key of ``name`` (``loss_min``, ``loss/lr_x0.5``, ``figure``): prefix and suffix added."""
+        return f"{PREFIX}{name}{self.key_suffix}"
 
     # -- checks before training ------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -148,10 +160,10 @@ class LandscapeCallback(MeasurementCallback):
                 _single_lr([float(group["lr"]) for group in optimizer.param_groups])
 
     def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
-        keys = [PREFIX + k for k in SUMMARY_KEYS]
+        keys = [self.key(k) for k in SUMMARY_KEYS]
         if self.log_each_step_size:
             labels = [self._label(i) for i in range(len(self.step_sizes or self.lr_multipliers))]
-            keys += [f"{PREFIX}{kind}/{label}" for label in labels for kind in ("loss", "grad_diff")]
+            keys += [self.key(f"{kind}/{label}") for label in labels for kind in ("loss", "grad_diff")]
         return keys
 
     # -- the measurement -----------------------------------------------------------------
@@ -180,12 +192,12 @@ class LandscapeCallback(MeasurementCallback):
         swapped = _Swapped(moved, ctx._named(), ctx._modules())  # the module lists the core keeps per step
         with ctx.evaluation(frozen or None, wrt=None) as core_loss, swapped:
             result = self._evaluate(pl_module, core_loss, swapped, moved, grads_t, etas, ctx)
-        values = _summary_tensors(result)
+        values = {self.key(k): torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
         if self.log_each_step_size:
             for i in range(len(etas)):
                 label = self._label(i)
-                values[f"{PREFIX}loss/{label}"] = result.losses[i]
-                values[f"{PREFIX}grad_diff/{label}"] = result.grad_diff_norms[i]
+                values[self.key(f"loss/{label}")] = result.losses[i]
+                values[self.key(f"grad_diff/{label}")] = result.grad_diff_norms[i]
         self._record(trainer, ctx.step, values)
         return values
 
@@ -228,7 +240,7 @@ class LandscapeCallback(MeasurementCallback):
         for key in SUMMARY_KEYS:
             steps, vals = self.history[key]
             steps.append(step)
-            vals.append(float(values[PREFIX + key]))
+            vals.append(float(values[self.key(key)]))
         due = self._last_figure_step is None or step - self._last_figure_step >= (self.figure_every_n_steps or 0)
         if self.figure_every_n_steps is not None and due:
             self._draw(trainer, step)
@@ -239,7 +251,7 @@ class LandscapeCallback(MeasurementCallback):
         if trainer is None or not trainer.is_global_zero or tensorboard_writer(trainer) is None:
             return
         label = type(trainer.lightning_module).__name__
-        self.log_figure(trainer, PREFIX + "figure", plot_landscape({label: self.history}), step)
+        self.log_figure(trainer, self.key("figure"), plot_landscape({label: self.history}), step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = self.history["loss_min"][0][-1] if self.history["loss_min"][0] else None
@@ -259,11 +271,6 @@ class LandscapeCallback(MeasurementCallback):
             k: (list(history[k][0]), list(history[k][1])) if k in history else ([], []) for k in SUMMARY_KEYS
         }
         self._last_figure_step = state.get("figure")
-
-
-def _summary_tensors(result: Any) -> dict[str, Tensor]:
-    """:func:`summarize` as float64 tensors under :data:`PREFIX`."""
-    return {PREFIX + k: torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
 
 
 class _Swapped:

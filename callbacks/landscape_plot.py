@@ -91,25 +91,31 @@ def find_event_dir(path: str | Path) -> Path:
     return dirs[0]
 
 
-def read_landscape_scalars(path: str | Path, prefix: str = PREFIX) -> dict[str, tuple[list[int], list[float]]]:
-    """``landscape/*`` scalars of one TensorBoard run: key (prefix removed) -> (steps, values)."""
+def read_landscape_scalars(
+    path: str | Path, prefix: str = PREFIX, key_suffix: str = ""
+) -> dict[str, tuple[list[int], list[float]]]:
+    """``landscape/*<key_suffix>`` scalars of one TensorBoard run: key (prefix and suffix removed)
+    -> (steps, values). ``key_suffix`` picks one of several LandscapeCallbacks (e.g. ``"_unit"``)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     accumulator = EventAccumulator(str(find_event_dir(path)), size_guidance={"scalars": 0})  # 0: keep all
     accumulator.Reload()
     out = {}
     for tag in accumulator.Tags()["scalars"]:
-        if tag.startswith(prefix):
+        if tag.startswith(prefix) and tag.endswith(key_suffix):
             events = accumulator.Scalars(tag)
-            out[tag[len(prefix) :]] = ([e.step for e in events], [e.value for e in events])
+            out[tag[len(prefix) : len(tag) - len(key_suffix)]] = ([e.step for e in events], [e.value for e in events])
     if not any(key in out for key in SUMMARY_KEYS):
-        raise ValueError(f"no {prefix}* scalars in {path}; was LandscapeCallback among the callbacks?")
+        raise ValueError(f"no {prefix}*{key_suffix} scalars in {path}; was LandscapeCallback among the callbacks?")
     return out
 
 
-def plot_runs(logdirs: Mapping[str, str | Path], **kwargs) -> Figure:
-    """Fig. 4 for several runs (label -> TensorBoard log directory), e.g. standard vs BN."""
-    return plot_landscape({label: read_landscape_scalars(path) for label, path in logdirs.items()}, **kwargs)
+def plot_runs(logdirs: Mapping[str, str | Path], key_suffix: str = "", **kwargs) -> Figure:
+    """Fig. 4 for several runs (label -> TensorBoard log directory), e.g. standard vs BN;
+    ``key_suffix`` picks the LandscapeCallback that logged with it."""
+    return plot_landscape(
+        {label: read_landscape_scalars(path, key_suffix=key_suffix) for label, path in logdirs.items()}, **kwargs
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -118,6 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output image (png, pdf, svg)")
     parser.add_argument("--title", default=None)
     parser.add_argument("--log-y", action="store_true", help="logarithmic y axes")
+    parser.add_argument("--key-suffix", default="", help="the key_suffix of the LandscapeCallback to plot (e.g. _unit)")
     args = parser.parse_args(argv)
     logdirs = {}
     for item in args.runs:
@@ -125,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not sep or not label or not path:
             parser.error(f"runs must be LABEL=LOGDIR, got {item!r}")
         logdirs[label] = path
-    plot_runs(logdirs, title=args.title, log_y=args.log_y).savefig(args.out, dpi=120)
+    plot_runs(logdirs, key_suffix=args.key_suffix, title=args.title, log_y=args.log_y).savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 
 

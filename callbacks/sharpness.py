@@ -14,7 +14,6 @@ minima of their network F1. The math is in :mod:`callbacks.keskar_math`.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -28,12 +27,9 @@ from callbacks.finite import NonFiniteError
 from callbacks.fixed_sample import FixedSampleMeasurement
 from callbacks.hvp import flatten, unflatten
 from callbacks.keskar_math import METHODS, RandomSubspace, keskar_sharpness
-from callbacks.validation import check_any_int, check_choice, check_int, check_positive_numbers, fail
+from callbacks.validation import check_any_int, check_choice, check_int, check_key_suffix, check_positive_numbers
 
 Method = Literal["torch", "lbfgsb"]
-
-
-KEY_SUFFIX = re.compile(r"(_[A-Za-z0-9.+-]+)*")
 
 
 def sharpness_key(eps: float, subspace_dim: int | None, suffix: str = "") -> str:
@@ -115,11 +111,7 @@ class KeskarSharpnessCallback(FixedSampleMeasurement):
         check_choice(owner, "method", method, METHODS)
         check_int(owner, "max_iter", max_iter, 1)
         check_any_int(owner, "seed", seed)
-        # "_at_bound" would make a suffixed phi key look like another key's bound fraction
-        if not isinstance(key_suffix, str) or not KEY_SUFFIX.fullmatch(key_suffix) or key_suffix.endswith("_at_bound"):
-            rule = "must be '' or _-separated words of letters, digits, . + - (e.g. '_lbfgsb')"
-            fail(owner, "key_suffix", key_suffix, rule)
-        self.key_suffix = key_suffix
+        self.key_suffix = check_key_suffix(owner, key_suffix)
         self.epsilons = [float(e) for e in epsilons]
         self.subspace_dim, self.method, self.max_iter, self.seed = subspace_dim, method, max_iter, seed
         self._subspace: RandomSubspace | None = None

@@ -14,6 +14,7 @@ imports nothing from ``lightning_bn``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -123,3 +124,18 @@ def check_names(owner: str, argument: str, value: Any) -> None:
         fail(owner, argument, value, "must be None or a non-empty list of module names")
     if not all(isinstance(name, str) and name for name in value):
         fail(owner, argument, list(value), "must be None or a non-empty list of module names")
+
+
+#: ``""`` or ``_``-separated words: what a ``key_suffix`` appends to every key of an instance
+KEY_SUFFIX = re.compile(r"(_[A-Za-z0-9.+-]+)*")
+
+
+def check_key_suffix(owner: str, value: Any) -> str:
+    """A ``key_suffix``: ``""`` or ``_``-separated words of letters, digits, ``. + -``.
+
+    Not ending in ``_at_bound``: a suffixed sharpness key would look like another key's
+    bound fraction."""
+    if not isinstance(value, str) or not KEY_SUFFIX.fullmatch(value) or value.endswith("_at_bound"):
+        rule = "must be '' or _-separated words of letters, digits, . + - (e.g. '_lbfgsb', '_unit')"
+        fail(owner, "key_suffix", value, rule)
+    return value

@@ -397,3 +397,55 @@ def test_unit_direction_needs_distances():
         LandscapeCallback(direction="unit")
     with pytest.raises(ValueError, match=r"^LandscapeCallback: direction must be one of"):
         LandscapeCallback(direction="random")
+
+
+def test_both_directions_in_one_run_with_a_key_suffix():
+    """A gradient and a unit-direction callback side by side (``key_suffix="_unit"``): every key
+    of the second ends in the suffix, the values are those of brute force for each direction,
+    and the two measurements do not disturb each other or training."""
+    torch.manual_seed(0)
+    model = TinyClassifier(norm="batch", dropout=0.3, lr=0.2)
+    recorder, logger = Recorder(), RecordingLogger()
+    distances = [0.05, 0.4]
+    gradient = LandscapeCallback(every_n_steps=2, step_sizes=[0.1, 0.3], figure_every_n_steps=None)
+    unit = LandscapeCallback(
+        every_n_steps=2, step_sizes=distances, direction="unit", key_suffix="_unit",
+        figure_every_n_steps=None, log_each_step_size=True,
+    )  # fmt: skip
+    assert set(unit.expected_keys(model)) == {f"landscape/{k}_unit" for k in SUMMARY_KEYS} | {
+        f"landscape/{kind}/dist_{d:g}_unit" for d in distances for kind in ("loss", "grad_diff")
+    }
+    make_trainer(3, [recorder, gradient, unit], logger).fit(model, classification_loader())
+    for step in (0, 2):
+        rec = recorder.steps[step]
+        logged = {k: v for s, metrics in logger.records if s == step for k, v in metrics.items()}
+        losses, diffs = brute_force(rec, [0.1, 0.3], "train")
+        assert logged["landscape/loss_max"] == pytest.approx(max(losses), rel=2e-5, abs=1e-6)
+        assert logged["landscape/grad_diff_max"] == pytest.approx(max(diffs), rel=2e-5, abs=1e-6)
+        g_norm = torch.cat([g.flatten() for g in rec["grads"].values()]).norm().item()
+        losses, diffs = brute_force(rec, [d / g_norm for d in distances], "train")
+        for d, loss, diff in zip(distances, losses, diffs):
+            assert logged[f"landscape/loss/dist_{d:g}_unit"] == pytest.approx(loss, rel=2e-5, abs=1e-6)
+            assert logged[f"landscape/grad_diff/dist_{d:g}_unit"] == pytest.approx(diff, rel=2e-5, abs=1e-6)
+        beta = max(diff / d for d, diff in zip(distances, diffs))
+        assert logged["landscape/beta_smoothness_unit"] == pytest.approx(beta, rel=2e-5)
+        assert logged["landscape/grad_norm_unit"] == pytest.approx(logged["landscape/grad_norm"], rel=1e-7)
+    # training itself is that of a run without the measurements
+    torch.manual_seed(0)
+    plain = TinyClassifier(norm="batch", dropout=0.3, lr=0.2)
+    make_trainer(3, [], RecordingLogger()).fit(plain, classification_loader())
+    for p, q in zip(model.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_two_instances_without_distinct_suffixes_are_refused():
+    first = LandscapeCallback(every_n_steps=2, figure_every_n_steps=None)
+    second = LandscapeCallback(every_n_steps=2, step_sizes=[0.1], direction="unit", figure_every_n_steps=None)
+    with pytest.raises(ValueError, match=r"would log landscape/.*give one a distinct key_suffix"):
+        make_trainer(1, [first, second], RecordingLogger()).fit(TinyClassifier(), classification_loader())
+
+
+@pytest.mark.parametrize("suffix", ["unit", "_", "_a/b", "_x_at_bound", 3])
+def test_key_suffix_is_checked_at_once(suffix):
+    with pytest.raises(ValueError, match=r"^LandscapeCallback: key_suffix must be '' or _-separated words"):
+        LandscapeCallback(key_suffix=suffix)

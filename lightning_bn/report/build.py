@@ -103,7 +103,7 @@ def _build(runs_dir: Path, out_dir: Path, staging: Path, command: str | None) ->
         for figure in make_figures(exp):
             relative = Path(_file_stem(exp.name)) / f"{_file_stem(figure.name)}.png"
             save(figure.figure, staging / relative)
-            title = TITLES.get(figure.name, figure.name.replace("_", " ").capitalize())
+            title = figure.title or TITLES.get(figure.name, figure.name.replace("_", " ").capitalize())
             shown.append((title, figure.caption, relative.as_posix()))
         parts.append(section(exp, columns, shown))
     (staging / REPORT_FILE).write_text("\n".join(parts))

@@ -24,7 +24,7 @@ from lightning_bn.report.style import (
     pick,
     smooth,
 )
-from lightning_bn.report.summary import pretty
+from lightning_bn.report.summary import landscape_suffixes, pretty
 
 STEP = "training step"
 MAX_LAYERS = 4
@@ -90,21 +90,28 @@ def accuracy_figure(exp: Experiment) -> ReportFigure | None:
     return ReportFigure("curves", caption, fig)
 
 
-def landscape_figure(exp: Experiment) -> ReportFigure | None:
+def landscape_figure(exp: Experiment) -> list[ReportFigure]:
+    """Fig. 4 for every LandscapeCallback of the runs: one figure per ``key_suffix``."""
+    suffixes = landscape_suffixes(t for run in exp.runs for t in run.events.scalars)
+    return [figure for suffix in suffixes if (figure := _landscape_figure(exp, suffix)) is not None]
+
+
+def _landscape_figure(exp: Experiment, suffix: str) -> ReportFigure | None:
+    tag = lambda name: f"landscape/{name}{suffix}"  # noqa: E731
     bands = [
-        ("landscape/loss_min", "landscape/loss_max", "loss landscape", r"$L(W - \eta g)$ over $\eta$"),
-        ("landscape/grad_diff_min", "landscape/grad_diff_max", "gradient predictiveness",
-         r"$\|\nabla L(W - \eta g) - g\|$"),
-    ]  # fmt: skip
+        (tag("loss_min"), tag("loss_max"), "loss landscape", r"$L(W - \eta g)$ over $\eta$"),
+        (tag("grad_diff_min"), tag("grad_diff_max"), "gradient predictiveness", r"$\|\nabla L(W - \eta g) - g\|$"),
+    ]
     lines = [
-        ("landscape/beta_smoothness", r"effective $\beta$-smoothness", r"$\max_\eta \|\Delta\nabla L\| / \|\eta g\|$"),
-        ("landscape/grad_norm", "gradient norm", r"$\|g\|$"),
+        (tag("beta_smoothness"), r"effective $\beta$-smoothness", r"$\max_\eta \|\Delta\nabla L\| / \|\eta g\|$"),
+        (tag("grad_norm"), "gradient norm", r"$\|g\|$"),
     ]
     bands = [b for b in bands if _tags_present(exp, b[:2]) == list(b[:2])]
     lines = [line for line in lines if _tags_present(exp, line[:1])]
     if not bands and not lines:
         return None
-    fig, axes = new_figure(1, len(bands) + len(lines), f"{exp.name}: optimization landscape", sharex=True)
+    which = f" (keys ending in {suffix})" if suffix else ""
+    fig, axes = new_figure(1, len(bands) + len(lines), f"{exp.name}: optimization landscape{which}", sharex=True)
     groups = exp.configurations()
     palette = colors(len(groups))
     for ax, (low_tag, high_tag, title, ylabel) in zip(axes[0], bands):
@@ -123,8 +130,8 @@ def landscape_figure(exp: Experiment) -> ReportFigure | None:
             drawn += [low[i], high[j]]
         decorate(ax, title, STEP, ylabel)
         log_if_wide(ax, drawn)
-    for ax, (tag, title, ylabel) in zip(axes[0][len(bands) :], lines):
-        log_if_wide(ax, _lines(ax, exp, tag))
+    for ax, (line_tag, title, ylabel) in zip(axes[0][len(bands) :], lines):
+        log_if_wide(ax, _lines(ax, exp, line_tag))
         decorate(ax, title, STEP, ylabel)
     legend(fig, axes)
     caption = (
@@ -132,7 +139,13 @@ def landscape_figure(exp: Experiment) -> ReportFigure | None:
         "L(W - eta g) and of the gradient change ||grad L(W - eta g) - g|| (shaded bands), the effective "
         "beta-smoothness, and ||g||: the bands scale with ||g||, so compare them together with the last panel."
     )
-    return ReportFigure("landscape", caption, fig)
+    if suffix:
+        caption += (
+            f" Logged by the LandscapeCallback with key_suffix {suffix!r}; with direction='unit' its steps are "
+            "fixed distances d along g/||g|| (eta = d/||g||), so the networks are compared at the same distance moved."
+        )
+    title = "Optimization landscape" + which
+    return ReportFigure("landscape" + suffix, caption, fig, title=title if suffix else None)
 
 
 def _layers(exp: Experiment, prefix: str, suffix: str) -> list[str]:

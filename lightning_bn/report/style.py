@@ -163,10 +163,11 @@ def save(fig: Figure, path: Path) -> Path:
 
 
 class ReportFigure:
-    """A figure of the report: file stem, one-line caption, the figure."""
+    """A figure of the report: file stem, one-line caption, the figure, and its section title
+    (None: the report's title for ``name``)."""
 
-    def __init__(self, name: str, caption: str, figure: Figure) -> None:
-        self.name, self.caption, self.figure = name, caption, figure
+    def __init__(self, name: str, caption: str, figure: Figure, title: str | None = None) -> None:
+        self.name, self.caption, self.figure, self.title = name, caption, figure, title
 
 
 def pick(items: Sequence[str], k: int) -> list[str]:

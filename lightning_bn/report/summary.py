@@ -68,21 +68,22 @@ def _mean_over_layers(pattern: str) -> Callable[[RunEvents], float | None]:
     return value
 
 
-FIXED_COLUMNS = (
+ACCURACY_COLUMNS = (
     Column("train loss", _final("train/loss")),
     Column("train acc", _final("train/acc"), percent=True),
     Column("val acc", _final("val/acc"), percent=True),
     Column("best val acc", _best("val/acc"), percent=True),
     Column("test acc", _final("test/acc"), percent=True),
-    Column("loss range", _mean_band("landscape/loss_min", "landscape/loss_max"), group=LANDSCAPE),
-    Column("grad. predictiveness (max)", _mean("landscape/grad_diff_max"), group=LANDSCAPE),
-    Column("β-smoothness", _mean("landscape/beta_smoothness"), group=LANDSCAPE),
-    Column("‖g‖", _mean("landscape/grad_norm"), group=LANDSCAPE),
+)
+# the landscape tables (one per LandscapeCallback, see landscape_columns) come between these
+SHIFT_COLUMNS = (
     Column("ICS ℓ2", _mean_over_layers(r"ics/.+/l2_diff"), group=SHIFT),
     Column("ICS cosine", _mean_over_layers(r"ics/.+/cosine"), group=SHIFT),
     Column("act. mean drift", _mean_over_layers(r"activations/.+/mean_drift"), group=SHIFT),
     Column("act. std drift", _mean_over_layers(r"activations/.+/std_drift"), group=SHIFT),
 )
+# ``landscape/loss_min`` of a LandscapeCallback, with its key_suffix (group 1) if it has one
+LANDSCAPE_TAG = re.compile(r"landscape/loss_min((?:_[A-Za-z0-9.+-]+)*)")
 # The headline value of each sharpness / Hessian measurement (not its diagnostics or per-layer parts).
 # Keskar tags may end in a key_suffix (``_lbfgsb_bntrain``); not the bound fractions, nor
 # measurements along training (``_curve``), whose last value is not the end of training.
@@ -116,9 +117,30 @@ def final_tags(events: list[RunEvents]) -> list[str]:
     return list(dict.fromkeys(t for ev in events for t in ev.scalars if FINAL_TAGS.fullmatch(t)))
 
 
+def landscape_suffixes(tags) -> list[str]:
+    """The ``key_suffix`` of every LandscapeCallback that logged ``tags`` (``""`` for the default)."""
+    found = (LANDSCAPE_TAG.fullmatch(t) for t in tags)
+    return sorted({m.group(1) for m in found if m}, key=lambda suffix: (suffix != "", suffix))
+
+
+def landscape_columns(suffix: str) -> list[Column]:
+    """The landscape columns of one LandscapeCallback (``suffix``: its ``key_suffix``)."""
+    tag = lambda name: f"landscape/{name}{suffix}"  # noqa: E731
+    group = LANDSCAPE + (f", keys ending in {suffix}" if suffix else "")
+    return [
+        Column("loss range", _mean_band(tag("loss_min"), tag("loss_max")), group=group),
+        Column("grad. predictiveness (max)", _mean(tag("grad_diff_max")), group=group),
+        Column("β-smoothness", _mean(tag("beta_smoothness")), group=group),
+        Column("‖g‖", _mean(tag("grad_norm")), group=group),
+    ]
+
+
 def columns_for(events: list[RunEvents]) -> list[Column]:
-    """The columns that at least one run has data for; a final-value column per sharpness/Hessian tag."""
-    columns = [c for c in FIXED_COLUMNS if any(c.value(ev) is not None for ev in events)]
+    """The columns that at least one run has data for: one landscape table per LandscapeCallback
+    (``key_suffix``), a final-value column per sharpness/Hessian tag."""
+    suffixes = landscape_suffixes(t for ev in events for t in ev.scalars)
+    fixed = [*ACCURACY_COLUMNS, *(c for s in suffixes for c in landscape_columns(s)), *SHIFT_COLUMNS]
+    columns = [c for c in fixed if any(c.value(ev) is not None for ev in events)]
     return columns + [Column(pretty(t), _final(t), group=FINAL) for t in final_tags(events)]
 
 
