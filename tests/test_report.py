@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_bn.report import build_report, discover, make_figures, read_events
 from lightning_bn.report.__main__ import main as report_main
-from lightning_bn.report.summary import columns_for, format_mean_std, format_number
+from lightning_bn.report.summary import LANDSCAPE, columns_for, format_mean_std, format_number
 
 PNG = b"\x89PNG\r\n\x1a\n"
 LAYERS = ("features.0", "features.4", "features.8", "features.11", "classifier")
@@ -259,3 +259,28 @@ def test_report_command_line(tmp_path, capsys):
     assert f"--out {tmp_path / 'out'}" in (tmp_path / "out" / "report.md").read_text()
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_second_landscape_callback_gets_its_own_figure_and_table(tmp_path):
+    """Keys of a LandscapeCallback with key_suffix="_unit" beside the default one: one Fig. 4 and
+    one landscape table per suffix, with the suffixed values (not the default's)."""
+    exp = norm_experiment(tmp_path / "runs", steps=10)
+    for run_dir in sorted(p for p in exp.iterdir() if p.is_dir()):
+        write_run(run_dir, {
+            "landscape/loss_min_unit": [(0, 1.0), (5, 1.0)], "landscape/loss_max_unit": [(0, 1.25), (5, 1.75)],
+            "landscape/grad_diff_min_unit": [(0, 0.1), (5, 0.1)], "landscape/grad_diff_max_unit": [(0, 0.5), (5, 0.5)],
+            "landscape/beta_smoothness_unit": [(0, 3.0), (5, 5.0)], "landscape/grad_norm_unit": [(0, 2.0), (5, 2.0)],
+        })  # fmt: skip
+    norms = discover(exp.parent)[0]
+    figures = {f.name: f for f in make_figures(norms)}
+    assert "landscape" in figures and "landscape_unit" in figures
+    assert figures["landscape_unit"].title == "Optimization landscape (keys ending in _unit)"
+    columns = columns_for([r.events for r in norms.runs])
+    unit = {c.name: c.value(norms.runs[0].events) for c in columns if c.group.endswith("keys ending in _unit")}
+    expected = {"loss range": 0.5, "grad. predictiveness (max)": 0.5, "β-smoothness": 4.0, "‖g‖": 2.0}
+    assert unit == pytest.approx(expected)
+    plain = {c.name: c.value(norms.runs[0].events) for c in columns if c.group == LANDSCAPE}
+    assert plain["β-smoothness"] == pytest.approx(15.0)  # the default callback's, norm=none seed 0
+    text = build_report(exp.parent).read_text()
+    assert "Optimization landscape (keys ending in _unit)" in text
+    assert "keys ending in _unit**" in text and "norms/landscape_unit.png" in text
