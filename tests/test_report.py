@@ -194,6 +194,28 @@ def test_table_numbers_are_the_final_and_mean_values_logged(tmp_path):
     assert "test acc" not in columns  # nothing logged it
 
 
+def test_a_layer_whose_ics_is_zero_by_definition_is_left_out_of_table_and_figure(tmp_path):
+    """Def. 2.1: the first layer has no preceding layers, so G = G' exactly; its zeros would
+    dilute the mean over layers and take a panel of the ICS figure."""
+    run = tmp_path / "ics" / "version_0"
+    scalars = {"train/loss": [(0, 1.0), (10, 0.5)]}
+    for layer, value in (("features.0", 0.0), ("features.4", 0.3), ("classifier", 0.5)):
+        scalars[f"ics/{layer}/l2_diff"] = [(t, value) for t in (0, 5, 10)]
+        scalars[f"ics/{layer}/cosine"] = [(t, 1.0 if value == 0 else 0.6) for t in (0, 5, 10)]
+    write_run(run, scalars)
+    exp = discover(tmp_path / "ics")[0]
+    columns = {c.name: c for c in columns_for([r.events for r in exp.runs])}
+    assert columns["ICS ℓ2"].value(exp.runs[0].events) == pytest.approx(0.4)
+    assert columns["ICS cosine"].value(exp.runs[0].events) == pytest.approx(0.6)
+    ics = next(f for f in make_figures(exp) if f.name == "ics")
+    assert [ax.get_title() for ax in ics.figure.axes[:2]] == ["layer features.4", "layer classifier"]
+    # a layer that is 0 at some steps only is measured, not trivial: it stays
+    scalars["ics/features.0/l2_diff"] = [(0, 0.0), (5, 0.2), (10, 0.0)]
+    write_run(tmp_path / "ics2" / "version_0", scalars)
+    exp = discover(tmp_path / "ics2")[0]
+    assert columns["ICS ℓ2"].value(exp.runs[0].events) == pytest.approx((0.2 / 3 + 0.3 + 0.5) / 3)
+
+
 def test_number_formats():
     assert format_number(0.4567, percent=True) == "45.7%"
     assert format_number(123.456) == "123.5" and format_number(None) == "–" and format_number(float("nan")) == "nan"

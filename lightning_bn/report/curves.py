@@ -24,7 +24,7 @@ from lightning_bn.report.style import (
     pick,
     smooth,
 )
-from lightning_bn.report.summary import landscape_suffixes, pretty
+from lightning_bn.report.summary import landscape_suffixes, pretty, trivial_ics_layer
 
 STEP = "training step"
 MAX_LAYERS = 4
@@ -159,9 +159,14 @@ def _layers(exp: Experiment, prefix: str, suffix: str) -> list[str]:
     return list(found)
 
 
-def _per_layer_figure(exp: Experiment, prefix: str, rows, name: str, title: str, caption: str) -> ReportFigure | None:
+def _per_layer_figure(
+    exp: Experiment, prefix: str, rows, name: str, title: str, caption: str, skip_trivial_ics: bool = False
+) -> ReportFigure | None:
     rows = [r for r in rows if _layers(exp, prefix, r[0])]
-    layers = pick(list(dict.fromkeys(layer for r in rows for layer in _layers(exp, prefix, r[0]))), MAX_LAYERS)
+    layers = list(dict.fromkeys(layer for r in rows for layer in _layers(exp, prefix, r[0])))
+    if skip_trivial_ics:
+        layers = [lay for lay in layers if not all(trivial_ics_layer(run.events, lay) for run in exp.runs)]
+    layers = pick(layers, MAX_LAYERS)
     if not layers or not rows:
         return None
     # y not shared: layers differ in scale, and each panel compares the configurations
@@ -182,9 +187,10 @@ def ics_figure(exp: Experiment) -> ReportFigure | None:
     caption = (
         "Internal covariate shift (Santurkar et al. 2018, Def. 2.1 and Fig. 3): for each layer, the difference "
         "between its gradient G before and G' after the preceding layers take their update; "
-        f"up to {MAX_LAYERS} layers from first to last."
+        f"up to {MAX_LAYERS} layers from first to last, without a layer whose ICS is 0 at every step in every run "
+        "(the first layer: nothing precedes it)."
     )
-    return _per_layer_figure(exp, "ics", rows, "ics", "internal covariate shift", caption)
+    return _per_layer_figure(exp, "ics", rows, "ics", "internal covariate shift", caption, skip_trivial_ics=True)
 
 
 def norm_gradient_figure(exp: Experiment) -> ReportFigure | None:

@@ -2,7 +2,8 @@
 
 Accuracies and losses are the *final* logged values (the end of training; ``best val acc``
 is the maximum over validation epochs). Landscape, ICS and activation-drift columns are
-*means over all measured steps* (over layers too for ICS and drift), as the papers compare
+*means over all measured steps* (over layers too for ICS and drift; not over a layer whose ICS
+is 0 by definition, the first one), as the papers compare
 these along training. Sharpness and Hessian columns are *final* values: Keskar's metric and
 the Hessian spectrum characterize the minimizer training ends in.
 """
@@ -57,11 +58,26 @@ def _mean_band(low: str, high: str) -> Callable[[RunEvents], float | None]:
     return value
 
 
-def _mean_over_layers(pattern: str) -> Callable[[RunEvents], float | None]:
+def trivial_ics_layer(ev: RunEvents, layer: str) -> bool:
+    """Whether ``layer``'s ICS is exactly 0 at every measured step: the first layer, nothing precedes it.
+
+    Def. 2.1 compares a layer's gradient before and after the *preceding* layers update, so the
+    network's first layer has G = G' by definition; averaging its zeros in would dilute the
+    other layers' values (and it would take a panel of the ICS figure).
+    """
+    series = ev.scalars.get(f"ics/{layer}/l2_diff")
+    return series is not None and series.values.size > 0 and bool(np.all(series.values == 0))
+
+
+def _mean_over_layers(pattern: str, skip_trivial_ics: bool = False) -> Callable[[RunEvents], float | None]:
     regex = re.compile(pattern)
 
     def value(ev: RunEvents) -> float | None:
-        means = [ev.scalars[t].mean for t in ev.scalars if regex.fullmatch(t)]
+        means = [
+            ev.scalars[t].mean
+            for t in ev.scalars
+            if regex.fullmatch(t) and not (skip_trivial_ics and trivial_ics_layer(ev, t.split("/")[1]))
+        ]
         means = [m for m in means if math.isfinite(m)]
         return float(np.mean(means)) if means else None
 
@@ -77,8 +93,8 @@ ACCURACY_COLUMNS = (
 )
 # the landscape tables (one per LandscapeCallback, see landscape_columns) come between these
 SHIFT_COLUMNS = (
-    Column("ICS ℓ2", _mean_over_layers(r"ics/.+/l2_diff"), group=SHIFT),
-    Column("ICS cosine", _mean_over_layers(r"ics/.+/cosine"), group=SHIFT),
+    Column("ICS ℓ2", _mean_over_layers(r"ics/[^/]+/l2_diff", skip_trivial_ics=True), group=SHIFT),
+    Column("ICS cosine", _mean_over_layers(r"ics/[^/]+/cosine", skip_trivial_ics=True), group=SHIFT),
     Column("act. mean drift", _mean_over_layers(r"activations/.+/mean_drift"), group=SHIFT),
     Column("act. std drift", _mean_over_layers(r"activations/.+/std_drift"), group=SHIFT),
 )
