@@ -9,7 +9,7 @@ runs directory is the one the report reads. Prints each run's minutes and the to
 under 30 minutes for the five on one H100-class GPU.
 
     python benchmarks/paper_scale.py --root DIR_WITH_CIFAR10 --runs-root runs_paper_scale
-    python benchmarks/paper_scale.py --root data --precision bf16-mixed   # bf16 autocast
+    python benchmarks/paper_scale.py --root data --precision bf16-mixed --channels-last   # tensor cores
 
 DIR_WITH_CIFAR10: torchvision's cifar-10-batches-py (downloaded when online) or the
 image-folder layout (train/<class>/*.jpg, test/<class>/*).
@@ -35,6 +35,9 @@ def main() -> int:
     parser.add_argument("--root", default="data", help="CIFAR-10 directory (data.init_args.root)")
     parser.add_argument("--runs-root", default="runs_paper_scale")
     parser.add_argument("--precision", default="32-true", help="trainer.precision, e.g. bf16-mixed")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="model.channels_last=true (NHWC convolutions; best with bf16)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
@@ -47,6 +50,8 @@ def main() -> int:
         "--set", "trainer.accelerator=gpu",
         "--set", f"trainer.precision={args.precision}",
     ]  # fmt: skip
+    if args.channels_last:
+        extra += ["--set", "model.init_args.channels_last=true"]
     total = 0.0
     for sweep, names in RUNS:
         for name in names:

@@ -169,3 +169,17 @@ def test_ddp_on_two_cpu_processes_draws_disjoint_shards_of_one_permutation(tmp_p
     ids = [[i for _, batch in s for i in batch] for s in seen]
     assert len(ids[0]) == len(ids[1]) == 32
     assert set(ids[0]).isdisjoint(ids[1]) and set(ids[0]) | set(ids[1]) == set(range(64))
+
+
+def test_device_resident_keeps_no_float_copy_of_the_training_set(tmp_path):
+    """The uint8 set is what goes to the device; a float32 copy on the host would be 4x its
+    size (600 MB for CIFAR-10) and never read."""
+    from tests.test_image_folder import make_tree
+
+    make_tree(tmp_path / "cifar", {"train": 2, "test": 1}, size=8)
+    data = CIFAR10DataModule(root=str(tmp_path / "cifar"), batch_size=4, device_resident=True)
+    data.setup("fit")
+    images, _ = data._train_uint8
+    assert data.train_set is None and images.dtype == torch.uint8 and data.test_set is not None
+    data.setup("fit")  # idempotent: the guard is the test split, present in both modes
+    assert data._train_uint8[0] is images

@@ -123,7 +123,7 @@ class InMemoryImageDataModule(pl.LightningDataModule):
         return v2.Compose([v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()])
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.test_set is not None:
             return
         images, labels = self.load_split(train=True)
         if self.train_size is not None:
@@ -142,10 +142,13 @@ class InMemoryImageDataModule(pl.LightningDataModule):
                 )
         self.train_set_shape = tuple(images.shape)
         if self.device_resident:
+            # uint8 only: batches are normalized on the device; a float copy of the whole set
+            # would take 4x the memory on the host for nothing (600 MB for CIFAR-10)
             self._train_uint8 = (images, labels)
-        self.train_set = TensorImageDataset(
-            normalize_uint8(images, self.mean, self.std), labels, self._train_transform()
-        )
+        else:
+            self.train_set = TensorImageDataset(
+                normalize_uint8(images, self.mean, self.std), labels, self._train_transform()
+            )
         test_images, test_labels = self.load_split(train=False)
         self.test_set = TensorImageDataset(normalize_uint8(test_images, self.mean, self.std), test_labels)
 
