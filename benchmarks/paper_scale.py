@@ -25,7 +25,7 @@ import time
 import torch
 
 RUNS = [
-    ("configs/experiments/headline.yaml", ["norm=standard", "norm=batch_norm", "norm=noisy_batch_norm"]),
+    ("configs/experiments/headline.yaml", [f"norm={n},seed=0" for n in ("standard", "batch_norm", "noisy_batch_norm")]),
     ("configs/experiments/vgg_norm_lr.yaml", ["norm=none,lr=0.5,seed=0", "norm=batch,lr=0.5,seed=0"]),
 ]
 

@@ -14,6 +14,11 @@ statistics run over the batch and all other dimensions, as BatchNorm's). Logged:
   ``.../unit_std``), the paper's "distribution over time" pictures; put the standard, BN and
   noisy-BN runs side by side in TensorBoard.
 
+With ``position="output"`` the keys start with ``activations_output/`` instead, so an input and
+an output callback can run together. Santurkar et al.'s Fig. 2 (and 7) show the *output* of the
+(noisy) BN layer: only there the injected noise, visible instability, can be seen; the input of
+a noisy BN layer looks like a BN layer's.
+
 Under DDP, sums, sums of squares and counts are reduced, so every value (and histogram) is
 that of the global batch.
 """
@@ -97,7 +102,9 @@ class ActivationStatsCallback(MeasurementCallback):
             normalization layer (:func:`is_norm_layer`; with ``norm=none`` the placeholder
             identity where the norm would be).
         position: ``"input"`` (default, what the norm receives: the distribution whose
-            shift is "internal covariate shift") or ``"output"`` of each layer.
+            shift is "internal covariate shift") or ``"output"`` of each layer (after the
+            norm, and after the noise of ``noisy_batch``: what the paper's Fig. 2 shows); the
+            keys of ``"output"`` start with ``activations_output/``.
         histograms: write TensorBoard histograms (needs a TensorBoardLogger).
         start_step, end_step, log_points_per_decade: the rest of the schedule.
         bn_mode: only ``"train"``: the statistics are those of the training forward.
@@ -138,6 +145,7 @@ class ActivationStatsCallback(MeasurementCallback):
         check_bool(owner, "histograms", histograms)
         self.layers = None if layers is None else list(layers)
         self.position = position
+        self.prefix = "activations" if position == "input" else "activations_output"
         self.histograms = histograms
         self.uses_tensorboard = histograms
         self._names: list[str] = []
@@ -200,8 +208,8 @@ class ActivationStatsCallback(MeasurementCallback):
         self._armed = True
 
     def expected_keys(self, pl_module: pl.LightningModule) -> list[str]:
-        keys = [f"activations/{name}/{stat}" for name in self._names for stat in ("mean", "std")]
-        drift = [f"activations/{name}/{stat}" for name in self._previous for stat in ("mean_drift", "std_drift")]
+        keys = [f"{self.prefix}/{name}/{stat}" for name in self._names for stat in ("mean", "std")]
+        drift = [f"{self.prefix}/{name}/{stat}" for name in self._previous for stat in ("mean_drift", "std_drift")]
         return keys + drift
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
@@ -220,7 +228,7 @@ class ActivationStatsCallback(MeasurementCallback):
                 self.warn_once(f"not-called-{name}", f"layer {name!r} was not called in the training forward")
                 continue
             mean, std = mean_std(all_reduce_sum(moments[name]))
-            key = f"activations/{name}"
+            key = f"{self.prefix}/{name}"
             out[f"{key}/mean"], out[f"{key}/std"] = mean.mean(), std.mean()
             if name in self._previous:
                 prev_mean, prev_std = self._previous[name]

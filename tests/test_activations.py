@@ -83,15 +83,50 @@ def test_histograms_in_tensorboard_and_hooks_removed(tmp_path):
     acc = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "scalars": 0})
     acc.Reload()
     tags = acc.Tags()
-    assert {"activations/net.1/values", "activations/net.1/unit_mean", "activations/net.5/unit_std"} <= set(
-        tags["histograms"]
-    )
-    events = acc.Histograms("activations/net.1/values")
+    assert {
+        "activations_output/net.1/values",
+        "activations_output/net.1/unit_mean",
+        "activations_output/net.5/unit_std",
+    } <= set(tags["histograms"])
+    events = acc.Histograms("activations_output/net.1/values")
     assert [e.step for e in events] == [0, 1, 2]
     assert events[0].histogram_value.num == 8 * 4 * 8 * 8  # batch x channels x H x W, every value
     assert sum(events[0].histogram_value.bucket) == 8 * 4 * 8 * 8
-    assert "activations/net.5/mean_drift" in tags["scalars"]
+    assert "activations_output/net.5/mean_drift" in tags["scalars"]
     assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_input_and_output_together_have_their_own_keys_and_values():
+    """Two callbacks, one per position, in one run: the output keys are the norm's output
+    statistics (brute force from the captured outputs), the input keys its input's."""
+    torch.manual_seed(0)
+    model = TinyClassifier(norm="batch")
+    names = norm_layers(model)
+    inputs = _capture_norm_inputs(model, names)
+    outputs: dict[str, dict[int, torch.Tensor]] = {n: {} for n in names}
+    modules = dict(model.named_modules())
+    for name in names:
+
+        def hook(module, args, out, name=name):
+            if module.training and not is_measuring():
+                outputs[name].setdefault(model.global_step, out.detach().clone())
+
+        modules[name].register_forward_hook(hook)
+    logger = RecordingLogger()
+    callbacks = [
+        ActivationStatsCallback(every_n_steps=1, histograms=False),
+        ActivationStatsCallback(every_n_steps=1, histograms=False, position="output"),
+    ]
+    make_trainer(max_steps=2, callbacks=callbacks, logger=logger).fit(model, classification_loader())
+    for name in names:
+        for step in (0, 1):
+            for prefix, seen in (("activations", inputs), ("activations_output", outputs)):
+                x = seen[name][step].double()
+                logged = logger.values(f"{prefix}/{name}/std")[step]
+                assert logged == pytest.approx(float(x.std(0, unbiased=False).mean()), rel=1e-9), (prefix, name)
+    # BN's output has unit std per channel (gamma = 1 at init), its input does not
+    assert logger.values("activations_output/net.1/std")[0] == pytest.approx(1.0, abs=1e-3)
+    assert abs(logger.values("activations/net.1/std")[0] - 1.0) > 1e-2
 
 
 def test_default_layers_are_norm_positions_also_without_norm():

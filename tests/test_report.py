@@ -216,6 +216,27 @@ def test_a_layer_whose_ics_is_zero_by_definition_is_left_out_of_table_and_figure
     assert columns["ICS ℓ2"].value(exp.runs[0].events) == pytest.approx((0.2 / 3 + 0.3 + 0.5) / 3)
 
 
+def test_norm_input_and_output_statistics_get_their_own_figure_columns_and_captions(tmp_path):
+    run = tmp_path / "act" / "version_0"
+    scalars = {"train/loss": [(0, 1.0), (10, 0.5)]}
+    for prefix, drift in (("activations", 0.1), ("activations_output", 0.4)):
+        for stat, value in (("mean", 0.0), ("std", 1.0), ("mean_drift", drift), ("std_drift", drift / 2)):
+            scalars[f"{prefix}/features.1/{stat}"] = [(t, value) for t in (0, 5, 10)]
+    values = [(t, np.random.default_rng(t).normal(size=50)) for t in (0, 5)]
+    histograms = {"activations_output/features.1/values": values}
+    write_run(run, scalars, histograms)
+    exp = discover(tmp_path / "act")[0]
+    figures = {f.name: f for f in make_figures(exp)}
+    assert {"activations", "activations_output", "distributions_activations_output_values"} <= set(figures)
+    assert "input of each normalization layer" in figures["activations"].caption
+    assert "output of each normalization layer" in figures["activations_output"].caption
+    assert "output of each normalization layer" in figures["distributions_activations_output_values"].caption
+    columns = {c.name: c for c in columns_for([r.events for r in exp.runs])}
+    assert columns["act. mean drift"].value(exp.runs[0].events) == pytest.approx(0.1)
+    assert columns["norm output mean drift"].value(exp.runs[0].events) == pytest.approx(0.4)
+    assert columns["norm output std drift"].value(exp.runs[0].events) == pytest.approx(0.2)
+
+
 def test_number_formats():
     assert format_number(0.4567, percent=True) == "45.7%"
     assert format_number(123.456) == "123.5" and format_number(None) == "–" and format_number(float("nan")) == "nan"

@@ -24,12 +24,12 @@ from lightning_bn.report.style import (
     pick,
     smooth,
 )
-from lightning_bn.report.summary import landscape_suffixes, pretty, trivial_ics_layer
+from lightning_bn.report.summary import POSITIONS, landscape_suffixes, pretty, trivial_ics_layer
 
 STEP = "training step"
 MAX_LAYERS = 4
 COVERED = re.compile(
-    r"(train|val|test|landscape)/.*|ics/.+/(l2_diff|cosine)|activations/.+/(mean|std|mean_drift|std_drift)"
+    r"(train|val|test|landscape)/.*|ics/.+/(l2_diff|cosine)|activations(_output)?/.+/(mean|std|mean_drift|std_drift)"
     r"|normgrad/.+/(ratio|gain|in_norm|out_norm|in_norm_lemma|mean_term|scale_term)"
 )
 # Bookkeeping of the measurements (Hessian-vector products used, the standard error of the trace
@@ -210,18 +210,24 @@ def norm_gradient_figure(exp: Experiment) -> ReportFigure | None:
     )
 
 
-def activation_figure(exp: Experiment) -> ReportFigure | None:
+def activation_figure(exp: Experiment) -> list[ReportFigure]:
+    """One figure per position the ActivationStatsCallbacks observed (norm input and/or output)."""
     rows = [
         ("mean", "mean of unit means", False),
         ("std", "mean of unit stds", True),
         ("mean_drift", "drift of unit means", True),
         ("std_drift", "drift of unit stds", True),
     ]
-    caption = (
-        "Activation statistics of the chosen layers (Santurkar et al. 2018, Fig. 1 and 5): per-unit batch mean "
-        "and standard deviation averaged over units, and their step-to-step drift (the covariate shift)."
-    )
-    return _per_layer_figure(exp, "activations", rows, "activations", "activation statistics", caption)
+    figures = []
+    for prefix, (short, where) in POSITIONS.items():
+        caption = (
+            f"Activation statistics at the {where} (Santurkar et al. 2018, Fig. 1 and 5): per-unit batch mean "
+            "and standard deviation averaged over units, and their step-to-step drift (the covariate shift)."
+        )
+        figure = _per_layer_figure(exp, prefix, rows, prefix, f"activation statistics ({short})", caption)
+        if figure is not None:
+            figures.append(figure)
+    return figures
 
 
 def other_figures(exp: Experiment, per_figure: int = 8) -> list[ReportFigure]:

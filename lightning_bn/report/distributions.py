@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from lightning_bn.report.runs import Experiment, RunInfo
 from lightning_bn.report.style import ReportFigure, colors, decorate, label_outer, new_figure, pick
+from lightning_bn.report.summary import POSITIONS
 
 MAX_LAYERS = 4
 MAX_CONFIGS = 5
@@ -60,6 +61,8 @@ def distribution_figures(exp: Experiment) -> list[ReportFigure]:
             f"Distribution of `{prefix}/<layer>/{kind}` over training, TensorBoard style: bands between the "
             "min/max and the 6.7/93.3, 15.9/84.1 and 30.9/69.1 percentiles, line at the median."
         )
+        if prefix in POSITIONS:
+            caption += f" Taken at the {POSITIONS[prefix][1]}."
         name = "distributions_" + "_".join(p for p in (prefix, kind) if p)
         out.append(ReportFigure(name, caption, fig))
     return out

@@ -84,6 +84,15 @@ def _mean_over_layers(pattern: str, skip_trivial_ics: bool = False) -> Callable[
     return value
 
 
+# ActivationStatsCallback's key prefix per position: (short name, where the statistics are taken)
+POSITIONS = {
+    "activations": ("norm input", "input of each normalization layer (what it receives)"),
+    "activations_output": (
+        "norm output",
+        "output of each normalization layer (after the norm and, for noisy BN, its noise: what Fig. 2 shows)",
+    ),
+}
+
 ACCURACY_COLUMNS = (
     Column("train loss", _final("train/loss")),
     Column("train acc", _final("train/acc"), percent=True),
@@ -97,6 +106,8 @@ SHIFT_COLUMNS = (
     Column("ICS cosine", _mean_over_layers(r"ics/[^/]+/cosine", skip_trivial_ics=True), group=SHIFT),
     Column("act. mean drift", _mean_over_layers(r"activations/.+/mean_drift"), group=SHIFT),
     Column("act. std drift", _mean_over_layers(r"activations/.+/std_drift"), group=SHIFT),
+    Column("norm output mean drift", _mean_over_layers(r"activations_output/.+/mean_drift"), group=SHIFT),
+    Column("norm output std drift", _mean_over_layers(r"activations_output/.+/std_drift"), group=SHIFT),
 )
 # ``landscape/loss_min`` of a LandscapeCallback, with its key_suffix (group 1) if it has one
 LANDSCAPE_TAG = re.compile(r"landscape/loss_min((?:_[A-Za-z0-9.+-]+)*)")
