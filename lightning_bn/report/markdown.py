@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from lightning_bn.report.claims import claims_table
 from lightning_bn.report.keskar import sharpness_table
 from lightning_bn.report.runs import Experiment
 from lightning_bn.report.summary import Column, format_mean_std, format_number
@@ -71,6 +72,18 @@ def section(exp: Experiment, columns: Sequence[Column], figures: Sequence[tuple[
         lines += [*derived, ""] if derived else []
     elif not any(run.record for run in exp.runs):
         lines += [f"{len(exp.runs)} TensorBoard run(s) under `{exp.dir.name}/` (not made by a sweep).", ""]
+    claims = claims_table(exp)
+    if claims:
+        lines += [
+            "### Claims",
+            "",
+            "Each claim of the papers this experiment can answer, from its runs (lightning_bn/report/claims.py): "
+            "*holds* / *does not hold* when the difference of the means exceeds twice its standard error over the "
+            "seeds, *within the seeds' spread* when it does not; with one run per configuration only a direction.",
+            "",
+            *claims,
+            "",
+        ]
     keskar = sharpness_table(exp)
     if keskar:  # the sharpness values are in their own table: keep the run tables narrow
         columns = [c for c in columns if not c.name.startswith("Keskar sharpness")]
