@@ -237,6 +237,22 @@ def test_norm_input_and_output_statistics_get_their_own_figure_columns_and_capti
     assert columns["norm output std drift"].value(exp.runs[0].events) == pytest.approx(0.2)
 
 
+def test_landscape_figure_states_the_step_size_grid_of_its_callback(tmp_path):
+    exp_dir = tmp_path / "grid"
+    callbacks = [
+        {"class_path": "callbacks.LandscapeCallback", "init_args": {"every_n_steps": 5}},
+        {"class_path": "callbacks.LandscapeCallback",
+         "init_args": {"direction": "unit", "step_sizes": [0.05, 0.1], "key_suffix": "_unit"}},
+    ]  # fmt: skip
+    scalars = {f"landscape/{k}{s}": [(0, 1.0), (5, 2.0)] for k in ("loss_min", "loss_max") for s in ("", "_unit")}
+    record = sweep_record("grid", "a", 0, {"x": 1}, {"x": "x"})
+    record["options"] = {"trainer.callbacks": callbacks, "model.init_args.lr": 0.1}
+    write_run(exp_dir / "a", scalars, record=record)
+    figures = {f.name: f for f in make_figures(discover(tmp_path)[0])}
+    assert figures["landscape"].figure.get_suptitle().endswith("η ∈ {0.05, 0.1, …, 0.4} (8 step sizes)")
+    assert figures["landscape_unit"].figure.get_suptitle().endswith("d ∈ {0.05, 0.1} (2 distances)")
+
+
 def test_number_formats():
     assert format_number(0.4567, percent=True) == "45.7%"
     assert format_number(123.456) == "123.5" and format_number(None) == "–" and format_number(float("nan")) == "nan"

@@ -10,6 +10,7 @@ import re
 import numpy as np
 from matplotlib.axes import Axes
 
+from callbacks.landscape_math import DEFAULT_LR_MULTIPLIERS
 from lightning_bn.report.runs import Experiment
 from lightning_bn.report.style import (
     ReportFigure,
@@ -111,7 +112,9 @@ def _landscape_figure(exp: Experiment, suffix: str) -> ReportFigure | None:
     if not bands and not lines:
         return None
     which = f" (keys ending in {suffix})" if suffix else ""
-    fig, axes = new_figure(1, len(bands) + len(lines), f"{exp.name}: optimization landscape{which}", sharex=True)
+    grid = landscape_grid(exp, suffix)
+    title = f"{exp.name}: optimization landscape{which}" + (f"\n{grid}" if grid else "")
+    fig, axes = new_figure(1, len(bands) + len(lines), title, sharex=True)
     groups = exp.configurations()
     palette = colors(len(groups))
     for ax, (low_tag, high_tag, title, ylabel) in zip(axes[0], bands):
@@ -146,6 +149,38 @@ def _landscape_figure(exp: Experiment, suffix: str) -> ReportFigure | None:
         )
     title = "Optimization landscape" + which
     return ReportFigure("landscape" + suffix, caption, fig, title=title if suffix else None)
+
+
+def _values_text(values: list[float]) -> str:
+    shown = [f"{v:g}" for v in values]
+    return "{" + (", ".join(shown) if len(shown) <= 5 else f"{shown[0]}, {shown[1]}, …, {shown[-1]}") + "}"
+
+
+def landscape_grid(exp: Experiment, suffix: str) -> str | None:
+    """The step sizes of the runs' LandscapeCallback with ``key_suffix`` (from run.json), as
+    ``eta in {...}`` or ``d in {...}`` (direction='unit'); None if unknown or not the same in every run."""
+    texts = set()
+    for run in exp.runs:
+        entries = run.get("trainer.callbacks") or []
+        for entry in entries if isinstance(entries, list) else []:
+            args = entry.get("init_args", {}) if isinstance(entry, dict) else {}
+            if (
+                not str(entry.get("class_path", "")).endswith("LandscapeCallback")
+                or args.get("key_suffix", "") != suffix
+            ):
+                continue
+            if args.get("step_sizes"):
+                sizes = [float(v) for v in args["step_sizes"]]
+            else:
+                lr = run.get("model.init_args.lr")
+                if not isinstance(lr, int | float):
+                    return None
+                sizes = [m * lr for m in args.get("lr_multipliers", DEFAULT_LR_MULTIPLIERS)]
+            symbol = "d" if args.get("direction") == "unit" else "η"
+            texts.add(
+                f"{symbol} ∈ {_values_text(sizes)} ({len(sizes)} {'distances' if symbol == 'd' else 'step sizes'})"
+            )
+    return texts.pop() if len(texts) == 1 else None
 
 
 def _layers(exp: Experiment, prefix: str, suffix: str) -> list[str]:
