@@ -253,6 +253,52 @@ def test_landscape_figure_states_the_step_size_grid_of_its_callback(tmp_path):
     assert figures["landscape_unit"].figure.get_suptitle().endswith("d ∈ {0.05, 0.1} (2 distances)")
 
 
+def test_stable_learning_rates_per_batch_size(tmp_path):
+    """A run trains when its last training loss is finite and below 90% of its first."""
+    from lightning_bn.report.grids import stable_range
+
+    exp_dir = tmp_path / "ml"
+    axes = {"data.init_args.batch_size": "batch_size", "base_lr": "base_lr"}
+    index = 0
+    for bs in (8, 512):
+        for base_lr in (0.001, 0.01, 0.1):
+            diverges = bs == 512 and base_lr >= 0.01 or base_lr == 0.1
+            last = float("nan") if diverges and base_lr == 0.1 else (2.2 if diverges else 1.0)
+            name = f"batch_size={bs},base_lr={base_lr}"
+            values = {"data.init_args.batch_size": bs, "base_lr": base_lr}
+            scalars = {"train/loss": [(0, 2.3), (10, last)], "val/acc": [(10, 0.3)]}
+            write_run(exp_dir / name, scalars, record=sweep_record("ml", name, index, values, axes))
+            index += 1
+    exp = discover(tmp_path)[0]
+    assert stable_range(exp.runs, "data.init_args.batch_size", "base_lr") == {8: [0.001, 0.01], 512: [0.001]}
+    figure = next(f for f in make_figures(exp) if f.name == "stable_lr_range")
+    markers = [len(c.get_offsets()) for c in figure.figure.axes[0].collections]
+    assert sum(markers) == 6
+
+
+def test_heatmap_y_axis_from_the_report_hint(tmp_path):
+    exp_dir = tmp_path / "ghost"
+    axes = {"data.init_args.batch_size": "batch_size", "bn_batch": "bn_batch"}
+    index = 0
+    for bs in (32, 64):
+        for bn in (4, 8):
+            name = f"batch_size={bs},bn_batch={bn}"
+            record = sweep_record(
+                "ghost",
+                name,
+                index,
+                {"data.init_args.batch_size": bs, "bn_batch": bn},
+                axes,
+                report={"batch_size": "data.init_args.batch_size", "heatmap_y": "bn_batch"},
+            )
+            write_run(exp_dir / name, {"val/acc": [(5, 0.5 + bn / 100 + bs / 1000)]}, record=record)
+            index += 1
+    heatmap = next(f for f in make_figures(discover(tmp_path)[0]) if f.name == "heatmap")
+    ax = heatmap.figure.axes[0]
+    assert ax.get_ylabel() == "bn_batch" and [t.get_text() for t in ax.get_yticklabels()] == ["4", "8"]
+    np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), [[57.2, 60.4], [61.2, 64.4]])
+
+
 def test_number_formats():
     assert format_number(0.4567, percent=True) == "45.7%"
     assert format_number(123.456) == "123.5" and format_number(None) == "–" and format_number(float("nan")) == "nan"
@@ -271,6 +317,7 @@ def test_figures_follow_the_logged_tags(tmp_path):
     assert [f.name for f in make_figures(bs)] == [
         "curves",
         "heatmap",
+        "stable_lr_range",
         "accuracy_vs_batch_size",
         "sharpness_vs_batch_size",
     ]

@@ -124,3 +124,22 @@ def test_the_report_has_the_claims_section(tmp_path):
     assert "### Claims" in text
     assert "| BN does not reduce ICS (Def. 2.1, Fig. 3) | ICS ‖G − G'‖, mean over steps and layers |" in text
     assert "| **does not hold** |" in text and "| **within the seeds' spread** |" in text
+
+
+def test_the_stable_learning_rate_range_claim(tmp_path):
+    from lightning_bn.report.claims import stability_verdict
+
+    exp_dir = tmp_path / "ml"
+    axes = {"data.init_args.batch_size": "batch_size", "base_lr": "base_lr"}
+    index = 0
+    for bs, ok_rates in ((8, (0.001, 0.01)), (512, (0.001,))):
+        for base_lr in (0.001, 0.01, 0.1):
+            last = 1.0 if base_lr in ok_rates else float("nan")
+            name = f"batch_size={bs},base_lr={base_lr}"
+            values = {"data.init_args.batch_size": bs, "base_lr": base_lr}
+            write_run(exp_dir / name, {"train/loss": [(0, 2.3), (9, last)]},
+                      record=sweep_record("ml", name, index, values, axes))  # fmt: skip
+            index += 1
+    verdict = stability_verdict(discover(tmp_path)[0])
+    assert verdict.evidence == "batch 8: 2 of 3 (0.001 to 0.01); batch 512: 1 of 3 (0.001 to 0.001)"
+    assert verdict.verdict == "holds (one seed)"

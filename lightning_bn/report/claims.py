@@ -249,9 +249,43 @@ def _batch_groups(exp: Experiment) -> list[tuple[str, dict[str, list[RunInfo]]]]
     return out
 
 
+def stability_verdict(exp: Experiment) -> Verdict | None:
+    """Masters & Luschi: the range of learning rates that train shrinks as the batch grows
+    (:func:`~lightning_bn.report.grids.trains`), smallest vs largest batch size."""
+    from lightning_bn.report.grids import stable_range
+
+    bs_key, lr_key = exp.axis_for("batch_size"), exp.axis_for("lr")
+    if bs_key is None or lr_key is None or bs_key == lr_key:
+        return None
+    ranges = stable_range(exp.runs, bs_key, lr_key)
+    if len(ranges) < 2:
+        return None
+    (small, s_good), (large, l_good) = min(ranges.items()), max(ranges.items())
+    tried = len({r.get(lr_key) for r in exp.runs})
+
+    def text(size: float, good: list[float]) -> str:
+        span = f" ({good[0]:g} to {good[-1]:g})" if good else ""
+        return f"batch {size:g}: {len(good)} of {tried}{span}"
+
+    if len(s_good) == len(l_good):
+        verdict = "does not hold (the same number of values train)"
+    else:
+        verdict = "holds" if len(s_good) > len(l_good) else "does not hold"
+    seeds = exp.seed_key is None or len({r.get(exp.seed_key) for r in exp.runs}) == 1
+    return Verdict(
+        "the range of learning rates that train shrinks as the batch grows (Masters & Luschi)",
+        f"{exp.short.get(lr_key, lr_key)} values whose runs all train (last training loss finite, < 90% of first)",
+        f"{text(small, s_good)}; {text(large, l_good)}",
+        verdict + (" (one seed)" if seeds else ""),
+    )
+
+
 def experiment_verdicts(exp: Experiment) -> list[tuple[str, Verdict]]:
     """(context, verdict) for every claim the experiment's runs can answer."""
     out: list[tuple[str, Verdict]] = []
+    stability = stability_verdict(exp)
+    if stability is not None:
+        out.append((exp.name, stability))
     for groups, make in ((_norm_axis_groups(exp), santurkar_claims), (_batch_groups(exp), keskar_claims)):
         for context, roles in groups:
             for claim in make([r for runs in roles.values() for r in runs]):

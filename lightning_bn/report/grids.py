@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 
 import numpy as np
+from matplotlib.ticker import NullLocator
 
 from lightning_bn.report.events import RunEvents
 from lightning_bn.report.runs import Experiment
@@ -82,7 +83,8 @@ def accuracy_vs_batch_size_figure(exp: Experiment) -> ReportFigure | None:
 
 
 def heatmap_figure(exp: Experiment, tag: str = "val/acc") -> ReportFigure | None:
-    bs_key, lr_key = exp.axis_for("batch_size"), exp.axis_for("lr")
+    # y: the sweep's report hint heatmap_y (e.g. a ghost-BN batch size), else the learning rate
+    bs_key, lr_key = exp.axis_for("batch_size"), exp.axis_for("heatmap_y") or exp.axis_for("lr")
     if bs_key is None or lr_key is None or bs_key == lr_key or not any(tag in r.events.scalars for r in exp.runs):
         return None
     sizes = sorted({b for r in exp.runs if (b := _number(r.get(bs_key))) is not None})
@@ -139,3 +141,67 @@ def _draw_heatmap(ax, grid: np.ndarray, sizes: list[float], rates: list[float], 
                 color = "black" if grid[i, j] > middle else "white"
                 ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=9, color=color)
     return image
+
+
+def trains(ev: RunEvents) -> bool | None:
+    """Whether a run trained: its last training loss is finite and below 90% of its first (a
+    run that diverged, or stayed at its initial loss, did not). None without ``train/loss``."""
+    series = ev.scalars.get("train/loss")
+    if series is None or series.values.size < 2:
+        return None
+    first, last = float(series.values[0]), float(series.values[-1])
+    return bool(math.isfinite(first) and math.isfinite(last) and last < 0.9 * first)
+
+
+def stable_range(runs, bs_key: str, lr_key: str) -> dict[float, list[float]]:
+    """Batch size -> the sorted learning-rate values whose runs all trained (:func:`trains`)."""
+    out: dict[float, list[float]] = {}
+    cells: dict[tuple[float, float], list[bool]] = {}
+    for run in runs:
+        size, rate, ok = _number(run.get(bs_key)), _number(run.get(lr_key)), trains(run.events)
+        if size is not None and rate is not None and ok is not None:
+            cells.setdefault((size, rate), []).append(ok)
+    for (size, rate), oks in sorted(cells.items()):
+        out.setdefault(size, [])
+        if all(oks):
+            out[size].append(rate)
+    return out
+
+
+def stable_lr_figure(exp: Experiment) -> ReportFigure | None:
+    """Masters & Luschi's stability claim: the learning rates that train, per batch size."""
+    bs_key, lr_key = exp.axis_for("batch_size"), exp.axis_for("lr")
+    if bs_key is None or lr_key is None or bs_key == lr_key:
+        return None
+    panels = exp.configurations(exclude=(bs_key, lr_key))
+    sizes = sorted({b for r in exp.runs if (b := _number(r.get(bs_key))) is not None})
+    rates = sorted({v for r in exp.runs if (v := _number(r.get(lr_key))) is not None})
+    if len(sizes) < 2 or len(rates) < 2 or all(trains(r.events) is None for r in exp.runs):
+        return None
+    lr_name = exp.short.get(lr_key, lr_key)
+    cols = min(3, len(panels))
+    fig, axes = new_figure(-(-len(panels) // cols), cols, f"{exp.name}: {lr_name} that train, per batch size")
+    for ax, (label, runs) in zip(axes.ravel(), panels.items()):
+        for run in runs:
+            size, rate, ok = _number(run.get(bs_key)), _number(run.get(lr_key)), trains(run.events)
+            if size is None or rate is None or ok is None:
+                continue
+            ax.scatter([size], [rate], marker="o" if ok else "x", color="tab:green" if ok else "tab:red", s=40,
+                       label="trains" if ok else "does not train", zorder=3)  # fmt: skip
+        for size, good in stable_range(runs, bs_key, lr_key).items():
+            if good:
+                ax.plot([size, size], [good[0], good[-1]], color="tab:green", linewidth=6, alpha=0.3)
+        log2_x(ax, sizes)
+        ax.set_yscale("log", base=2)
+        ax.set_yticks(rates, [f"{r:g}" for r in rates])
+        ax.yaxis.set_minor_locator(NullLocator())
+        decorate(ax, label if len(panels) > 1 else "", "batch size", lr_name)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.set_visible(False)
+    legend(fig, axes)
+    caption = (
+        f"The {lr_name} values that train at each batch size (Masters & Luschi 2018: the stable range shrinks as "
+        "the batch grows): green circle, the run's last training loss is finite and below 90% of its first; red "
+        "x, it diverged or did not learn; the bar spans the values that train."
+    )
+    return ReportFigure("stable_lr_range", caption, fig)
