@@ -287,7 +287,7 @@ def test_heatmap_y_axis_from_the_report_hint(tmp_path):
                 "ghost",
                 name,
                 index,
-                {"data.init_args.batch_size": bs, "bn_batch": bn},
+                {"data.init_args.batch_size": bs, "bn_batch": str(bn)},  # a labelled axis: its labels, strings
                 axes,
                 report={"batch_size": "data.init_args.batch_size", "heatmap_y": "bn_batch"},
             )

@@ -27,6 +27,13 @@ def _final(tag: str) -> Callable[[RunEvents], float | None]:
 
 
 def _number(value) -> float | None:
+    """A grid value as a number: numbers, and the labels of a labelled axis that are numbers
+    (``bn_batch: {4: {...}, 8: {...}}`` gives the labels "4" and "8")."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
