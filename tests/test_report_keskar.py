@@ -118,3 +118,21 @@ def test_fig4_plots_mean_phi_and_test_accuracy_per_batch_size_on_two_axes(tmp_pa
     np.testing.assert_allclose(left.lines[0].get_ydata(), [1.5, 4.5, 16.5])  # mean over the two seeds
     np.testing.assert_allclose(right.lines[0].get_ydata(), [100 * (0.9 - b / 10_000) for b in (64, 256, 1024)])
     assert left.get_yscale() == "log" and right.get_ylabel() == "test accuracy (%)"
+
+
+def test_sharpness_and_accuracy_against_the_warm_start_epochs(tmp_path):
+    """Without a batch-size axis, the report hint x (warm_epochs: labels "0", "5", "20") is the x axis."""
+    exp_dir = tmp_path / "runs" / "warm"
+    axes = {"warm_epochs": "warm_epochs"}
+    for index, k in enumerate((0, 5, 20)):
+        name = f"warm_epochs={k}"
+        record = sweep_record("warm", name, index, {"warm_epochs": str(k)}, axes, report={"x": "warm_epochs"})
+        scalars = {"sharpness/keskar_eps0.001_bntrain": [(10, 100.0 / (k + 1))], "test/acc": [(10, 0.8 + k / 200)]}
+        write_run(exp_dir / name, scalars, record=record)
+    (exp,) = discover(exp_dir.parent)
+    figure = {f.name: f for f in make_figures(exp)}["sharpness_and_accuracy_vs_warm_epochs"]
+    left, right = figure.figure.axes[0], figure.figure.axes[1]
+    np.testing.assert_allclose(left.lines[0].get_xdata(), [0, 5, 20])
+    np.testing.assert_allclose(left.lines[0].get_ydata(), [100.0, 100 / 6, 100 / 21])
+    np.testing.assert_allclose(right.lines[0].get_ydata(), [80.0, 82.5, 90.0])
+    assert left.get_xscale() == "linear" and left.get_xlabel() == "warm_epochs"

@@ -26,7 +26,7 @@ def _final(tag: str) -> Callable[[RunEvents], float | None]:
     return lambda ev: ev.scalars[tag].final if tag in ev.scalars else None
 
 
-def _number(value) -> float | None:
+def grid_number(value) -> float | None:
     """A grid value as a number: numbers, and the labels of a labelled axis that are numbers
     (``bn_batch: {4: {...}, 8: {...}}`` gives the labels "4" and "8")."""
     if isinstance(value, str):
@@ -46,11 +46,11 @@ def _vs_batch_size(exp: Experiment, metrics, name: str, title: str, caption: str
     cols = min(3, len(metrics))
     rows = -(-len(metrics) // cols)
     fig, axes = new_figure(rows, cols, f"{exp.name}: {title}")
-    all_sizes = sorted({b for r in exp.runs if (b := _number(r.get(bs_key))) is not None})
+    all_sizes = sorted({b for r in exp.runs if (b := grid_number(r.get(bs_key))) is not None})
     for ax, (title, ylabel, value, scale) in zip(axes.ravel(), metrics):
         positive = True
         for (label, runs), color in zip(groups.items(), palette):
-            points = [(_number(r.get(bs_key)), value(r.events)) for r in runs]
+            points = [(grid_number(r.get(bs_key)), value(r.events)) for r in runs]
             points = [(b, v * scale) for b, v in points if b is not None and v is not None and math.isfinite(v)]
             if not points:
                 continue
@@ -94,8 +94,8 @@ def heatmap_figure(exp: Experiment, tag: str = "val/acc") -> ReportFigure | None
     bs_key, lr_key = exp.axis_for("batch_size"), exp.axis_for("heatmap_y") or exp.axis_for("lr")
     if bs_key is None or lr_key is None or bs_key == lr_key or not any(tag in r.events.scalars for r in exp.runs):
         return None
-    sizes = sorted({b for r in exp.runs if (b := _number(r.get(bs_key))) is not None})
-    rates = sorted({v for r in exp.runs if (v := _number(r.get(lr_key))) is not None})
+    sizes = sorted({b for r in exp.runs if (b := grid_number(r.get(bs_key))) is not None})
+    rates = sorted({v for r in exp.runs if (v := grid_number(r.get(lr_key))) is not None})
     if len(sizes) < 2 or len(rates) < 2:
         return None
     panels = exp.configurations(exclude=(bs_key, lr_key))
@@ -128,7 +128,9 @@ def _grid(runs, tag: str, bs_key: str, sizes: list[float], lr_key: str, rates: l
     for i, rate in enumerate(rates):
         for j, size in enumerate(sizes):
             cell = [
-                _final(tag)(r.events) for r in runs if _number(r.get(bs_key)) == size and _number(r.get(lr_key)) == rate
+                _final(tag)(r.events)
+                for r in runs
+                if grid_number(r.get(bs_key)) == size and grid_number(r.get(lr_key)) == rate
             ]
             cell = [v for v in cell if v is not None and math.isfinite(v)]
             if cell:
@@ -165,7 +167,7 @@ def stable_range(runs, bs_key: str, lr_key: str) -> dict[float, list[float]]:
     out: dict[float, list[float]] = {}
     cells: dict[tuple[float, float], list[bool]] = {}
     for run in runs:
-        size, rate, ok = _number(run.get(bs_key)), _number(run.get(lr_key)), trains(run.events)
+        size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run.events)
         if size is not None and rate is not None and ok is not None:
             cells.setdefault((size, rate), []).append(ok)
     for (size, rate), oks in sorted(cells.items()):
@@ -181,8 +183,8 @@ def stable_lr_figure(exp: Experiment) -> ReportFigure | None:
     if bs_key is None or lr_key is None or bs_key == lr_key:
         return None
     panels = exp.configurations(exclude=(bs_key, lr_key))
-    sizes = sorted({b for r in exp.runs if (b := _number(r.get(bs_key))) is not None})
-    rates = sorted({v for r in exp.runs if (v := _number(r.get(lr_key))) is not None})
+    sizes = sorted({b for r in exp.runs if (b := grid_number(r.get(bs_key))) is not None})
+    rates = sorted({v for r in exp.runs if (v := grid_number(r.get(lr_key))) is not None})
     if len(sizes) < 2 or len(rates) < 2 or all(trains(r.events) is None for r in exp.runs):
         return None
     lr_name = exp.short.get(lr_key, lr_key)
@@ -190,7 +192,7 @@ def stable_lr_figure(exp: Experiment) -> ReportFigure | None:
     fig, axes = new_figure(-(-len(panels) // cols), cols, f"{exp.name}: {lr_name} that train, per batch size")
     for ax, (label, runs) in zip(axes.ravel(), panels.items()):
         for run in runs:
-            size, rate, ok = _number(run.get(bs_key)), _number(run.get(lr_key)), trains(run.events)
+            size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run.events)
             if size is None or rate is None or ok is None:
                 continue
             ax.scatter([size], [rate], marker="o" if ok else "x", color="tab:green" if ok else "tab:red", s=40,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightning_bn.report.grids import grid_number
 from lightning_bn.report.runs import Experiment, RunInfo
 from lightning_bn.report.style import ReportFigure, colors, decorate, legend, log_x, log_y, new_figure
 from lightning_bn.report.summary import SUFFIX_WORDS as WORDS
@@ -174,8 +175,10 @@ def _curve_points(run: RunInfo, tag: str) -> tuple[np.ndarray, np.ndarray] | Non
 def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
     """Keskar Fig. 4: final phi (left axis, log) and test accuracy (right axis) against batch
     size, one panel per eps, one line per protocol; mean over seeds. Needs >= 3 batch sizes."""
-    key = exp.axis_for("batch_size")
-    # a pure batch-size study (other axes would be averaged together), with a test accuracy
+    # against the batch size, or against the sweep's report hint x (e.g. the warm-start epochs k)
+    by_batch = exp.axis_for("batch_size") is not None
+    key = exp.axis_for("batch_size") or exp.axis_for("x")
+    # a pure study of that axis (other axes would be averaged together), with a test accuracy
     if (
         key is None
         or set(exp.varying) - {key, exp.seed_key}
@@ -183,16 +186,19 @@ def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
     ):
         return None
     final = {t: p for r in exp.runs for t in r.events.scalars if (p := parse(t)) and not p[1].along_training}
-    sizes = sorted({float(v) for r in exp.runs if isinstance(v := r.get(key), (int, float))})
+    sizes = sorted({v for r in exp.runs if (v := grid_number(r.get(key))) is not None})
     if not final or len(sizes) < 3:
         return None
     epsilons = sorted({eps for eps, _ in final.values()}, key=float, reverse=True)
     protocols = list(dict.fromkeys(p for _, p in final.values()))
-    fig, axes = new_figure(1, len(epsilons), f"{exp.name}: sharpness and test accuracy vs batch size")
+    x_name = "batch size" if by_batch else exp.short.get(key, key)
+    fig, axes = new_figure(1, len(epsilons), f"{exp.name}: sharpness and test accuracy vs {x_name}")
     palette = colors(len(protocols))
 
     def mean_at(tag: str, size: float) -> float:
-        values = [r.events.scalars[tag].final for r in exp.runs if r.get(key) == size and tag in r.events.scalars]
+        values = [
+            r.events.scalars[tag].final for r in exp.runs if grid_number(r.get(key)) == size and tag in r.events.scalars
+        ]
         return float(np.mean(values)) if values else math.nan
 
     for ax, eps in zip(axes.ravel(), epsilons):
@@ -200,9 +206,10 @@ def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
             tag = next((t for t, (e, p) in final.items() if e == eps and p == protocol), None)
             if tag is not None:
                 ax.plot(sizes, [mean_at(tag, s) for s in sizes], color=color, marker="o", label=f"φ, {protocol.text}")
-        log_x(ax)
+        if by_batch:
+            log_x(ax)
         log_y(ax)
-        decorate(ax, f"ε = {eps}", "batch size (log)", "Keskar sharpness φ (log)")
+        decorate(ax, f"ε = {eps}", "batch size (log)" if by_batch else x_name, "Keskar sharpness φ (log)")
         twin = ax.twinx()
         twin.plot(
             sizes,
@@ -221,7 +228,12 @@ def sharpness_and_accuracy_figure(exp: Experiment) -> ReportFigure | None:
     fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3), fontsize=8)
     caption = (
         "Final Keskar sharpness (left, log scale, one line per protocol) and test accuracy (right, dashed) against "
-        "the batch size, means over seeds (Keskar et al. Fig. 4: sharpness rises and test accuracy falls with "
-        "the batch size)."
+        + (
+            "the batch size, means over seeds (Keskar et al. Fig. 4: sharpness rises and test accuracy falls with "
+            "the batch size)."
+            if by_batch
+            else f"{x_name}, means over seeds."
+        )
     )
-    return ReportFigure("sharpness_and_accuracy_vs_batch_size", caption, fig)
+    name = "sharpness_and_accuracy_vs_batch_size" if by_batch else f"sharpness_and_accuracy_vs_{x_name}"
+    return ReportFigure(name, caption, fig)

@@ -62,7 +62,8 @@ SWEEP_KEYS = (
     "launcher",
 )
 FULL_KEYS = ("description", "grid", "derived", "overrides", "launcher")
-REPORT_KEYS = ("batch_size", "lr", "heatmap_y")  # heatmap_y: the heat map's y axis (default: the lr axis)
+# heatmap_y: the heat map's y axis (default: the lr axis); x: the x axis of Keskar Fig. 4 without a batch axis
+REPORT_KEYS = ("batch_size", "lr", "heatmap_y", "x")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 _VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9._+-]+")
