@@ -299,6 +299,19 @@ def test_heatmap_y_axis_from_the_report_hint(tmp_path):
     np.testing.assert_allclose(np.asarray(ax.images[0].get_array()), [[57.2, 60.4], [61.2, 64.4]])
 
 
+def test_per_layer_panels_of_one_quantity_share_the_y_scale_rule(tmp_path):
+    """One layer spanning 3 decades puts the whole row on a log axis, not only its panel."""
+    scalars = {"train/loss": [(0, 1.0), (10, 0.5)]}
+    for layer, values in (("features.4", (1e-3, 1.0)), ("classifier", (0.5, 0.6))):
+        scalars[f"ics/{layer}/l2_diff"] = [(0, values[0]), (10, values[1])]
+        scalars[f"ics/{layer}/cosine"] = [(0, 0.5), (10, 0.6)]
+    write_run(tmp_path / "row" / "version_0", scalars)
+    ics = next(f for f in make_figures(discover(tmp_path / "row")[0]) if f.name == "ics")
+    l2_row, cosine_row = ics.figure.axes[:2], ics.figure.axes[2:4]
+    assert [ax.get_yscale() for ax in l2_row] == ["log", "log"]
+    assert [ax.get_yscale() for ax in cosine_row] == ["linear", "linear"]
+
+
 def test_number_formats():
     assert format_number(0.4567, percent=True) == "45.7%"
     assert format_number(123.456) == "123.5" and format_number(None) == "–" and format_number(float("nan")) == "nan"

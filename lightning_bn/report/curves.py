@@ -18,9 +18,11 @@ from lightning_bn.report.style import (
     colors,
     decorate,
     fit_y,
+    is_wide,
     label_outer,
     legend,
     log_if_wide,
+    log_y,
     new_figure,
     pick,
     smooth,
@@ -207,11 +209,13 @@ def _per_layer_figure(
     # y not shared: layers differ in scale, and each panel compares the configurations
     fig, axes = new_figure(len(rows), len(layers), f"{exp.name}: {title}", sharex=True)
     for row, (suffix, quantity, log_ok) in zip(axes, rows):
+        row_values = []
         for ax, layer in zip(row, layers):
-            values = _lines(ax, exp, f"{prefix}/{layer}/{suffix}")
+            row_values += _lines(ax, exp, f"{prefix}/{layer}/{suffix}")
             decorate(ax, f"layer {layer}", STEP, quantity)
-            if log_ok:
-                log_if_wide(ax, values)
+        if log_ok and is_wide(row_values):  # one rule per row: the layers of a quantity read alike
+            for ax in row:
+                log_y(ax)
     label_outer(axes)
     legend(fig, axes)
     return ReportFigure(name, caption, fig)

@@ -71,11 +71,16 @@ def decorate(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.grid(True, alpha=0.3, linewidth=0.6)
 
 
-def log_if_wide(ax: Axes, arrays: Sequence[np.ndarray], decades: float = 2.5) -> None:
-    """Log y scale when positive data spans more than ``decades`` orders of magnitude."""
+def is_wide(arrays: Sequence[np.ndarray], decades: float = 2.5) -> bool:
+    """Whether the data is positive and spans more than ``decades`` orders of magnitude."""
     values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in arrays]) if arrays else np.array([])
     values = values[np.isfinite(values)]
-    if values.size and values.min() > 0 and np.log10(values.max() / values.min()) > decades:
+    return bool(values.size and values.min() > 0 and np.log10(values.max() / values.min()) > decades)
+
+
+def log_if_wide(ax: Axes, arrays: Sequence[np.ndarray], decades: float = 2.5) -> None:
+    """Log y scale when positive data spans more than ``decades`` orders of magnitude."""
+    if is_wide(arrays, decades):
         log_y(ax)
 
 
