@@ -254,21 +254,18 @@ def test_landscape_figure_states_the_step_size_grid_of_its_callback(tmp_path):
 
 
 def test_stable_learning_rates_per_batch_size(tmp_path):
-    """A run trains when its last training loss is finite and below 90% of its first."""
+    """A run trains when its final validation accuracy is finite and at least 1.5x chance."""
     from lightning_bn.report.grids import stable_range
 
     exp_dir = tmp_path / "ml"
     axes = {"data.init_args.batch_size": "batch_size", "base_lr": "base_lr"}
-    index = 0
-    for bs in (8, 512):
-        for base_lr in (0.001, 0.01, 0.1):
-            diverges = bs == 512 and base_lr >= 0.01 or base_lr == 0.1
-            last = float("nan") if diverges and base_lr == 0.1 else (2.2 if diverges else 1.0)
-            name = f"batch_size={bs},base_lr={base_lr}"
-            values = {"data.init_args.batch_size": bs, "base_lr": base_lr}
-            scalars = {"train/loss": [(0, 2.3), (10, last)], "val/acc": [(10, 0.3)]}
-            write_run(exp_dir / name, scalars, record=sweep_record("ml", name, index, values, axes))
-            index += 1
+    # (batch size, base lr) -> final val acc: nan diverged, 0.1 stuck at chance, 0.14 below 1.5x chance
+    accuracy = {(8, 0.001): 0.16, (8, 0.01): 0.4, (8, 0.1): float("nan"), (512, 0.001): 0.3, (512, 0.01): 0.14,
+                (512, 0.1): 0.1}  # fmt: skip
+    for index, ((bs, base_lr), acc) in enumerate(accuracy.items()):
+        name = f"batch_size={bs},base_lr={base_lr}"
+        values = {"data.init_args.batch_size": bs, "base_lr": base_lr}
+        write_run(exp_dir / name, {"val/acc": [(10, acc)]}, record=sweep_record("ml", name, index, values, axes))
     exp = discover(tmp_path)[0]
     assert stable_range(exp.runs, "data.init_args.batch_size", "base_lr") == {8: [0.001, 0.01], 512: [0.001]}
     figure = next(f for f in make_figures(exp) if f.name == "stable_lr_range")

@@ -152,14 +152,20 @@ def _draw_heatmap(ax, grid: np.ndarray, sizes: list[float], rates: list[float], 
     return image
 
 
-def trains(ev: RunEvents) -> bool | None:
-    """Whether a run trained: its last training loss is finite and below 90% of its first (a
-    run that diverged, or stayed at its initial loss, did not). None without ``train/loss``."""
-    series = ev.scalars.get("train/loss")
-    if series is None or series.values.size < 2:
-        return None
-    first, last = float(series.values[0]), float(series.values[-1])
-    return bool(math.isfinite(first) and math.isfinite(last) and last < 0.9 * first)
+def trains(run) -> bool | None:
+    """Whether a run trained: its final validation (else test) accuracy is finite and at least
+    1.5x chance, chance = 1 / ``model.init_args.num_classes`` (10 when the run does not set it).
+    A diverged run (nan) or one stuck at a constant prediction (chance) did not; a learning rate
+    too small to get far in the epochs given is a slow run, not an unstable one, and counts as
+    training if it got clear of chance. None without an accuracy."""
+    for tag in ("val/acc", "test/acc"):
+        series = run.events.scalars.get(tag)
+        if series is not None and series.values.size:
+            classes = run.get("model.init_args.num_classes")
+            chance = 1.0 / classes if isinstance(classes, int) and classes > 0 else 0.1
+            final = float(series.values[-1])
+            return bool(math.isfinite(final) and final >= 1.5 * chance)
+    return None
 
 
 def stable_range(runs, bs_key: str, lr_key: str) -> dict[float, list[float]]:
@@ -167,7 +173,7 @@ def stable_range(runs, bs_key: str, lr_key: str) -> dict[float, list[float]]:
     out: dict[float, list[float]] = {}
     cells: dict[tuple[float, float], list[bool]] = {}
     for run in runs:
-        size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run.events)
+        size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run)
         if size is not None and rate is not None and ok is not None:
             cells.setdefault((size, rate), []).append(ok)
     for (size, rate), oks in sorted(cells.items()):
@@ -185,14 +191,14 @@ def stable_lr_figure(exp: Experiment) -> ReportFigure | None:
     panels = exp.configurations(exclude=(bs_key, lr_key))
     sizes = sorted({b for r in exp.runs if (b := grid_number(r.get(bs_key))) is not None})
     rates = sorted({v for r in exp.runs if (v := grid_number(r.get(lr_key))) is not None})
-    if len(sizes) < 2 or len(rates) < 2 or all(trains(r.events) is None for r in exp.runs):
+    if len(sizes) < 2 or len(rates) < 2 or all(trains(r) is None for r in exp.runs):
         return None
     lr_name = exp.short.get(lr_key, lr_key)
     cols = min(3, len(panels))
     fig, axes = new_figure(-(-len(panels) // cols), cols, f"{exp.name}: {lr_name} that train, per batch size")
     for ax, (label, runs) in zip(axes.ravel(), panels.items()):
         for run in runs:
-            size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run.events)
+            size, rate, ok = grid_number(run.get(bs_key)), grid_number(run.get(lr_key)), trains(run)
             if size is None or rate is None or ok is None:
                 continue
             ax.scatter([size], [rate], marker="o" if ok else "x", color="tab:green" if ok else "tab:red", s=40,
@@ -210,7 +216,7 @@ def stable_lr_figure(exp: Experiment) -> ReportFigure | None:
     legend(fig, axes)
     caption = (
         f"The {lr_name} values that train at each batch size (Masters & Luschi 2018: the stable range shrinks as "
-        "the batch grows): green circle, the run's last training loss is finite and below 90% of its first; red "
-        "x, it diverged or did not learn; the bar spans the values that train."
+        "the batch grows): green circle, the run's final validation accuracy is at least 1.5x chance; red x, it "
+        "diverged (nan) or stayed near chance; the bar spans the values that train."
     )
     return ReportFigure("stable_lr_range", caption, fig)

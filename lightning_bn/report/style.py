@@ -6,6 +6,7 @@ state is never touched, so the report works headless and inside other programs.
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,10 @@ def colors(n: int) -> list:
 def new_figure(rows: int, cols: int, title: str, *, sharex: bool | str = False, sharey: bool | str = False):
     fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows + 0.5), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False, sharex=sharex, sharey=sharey)
+    # a long title over one or two panels would be cut at the figure's edges: wrap it (about
+    # 7 bold characters of 13 pt per inch), keeping explicit line breaks
+    width = max(20, int(PANEL[0] * cols * 7))
+    title = "\n".join(textwrap.fill(line, width) for line in title.split("\n"))
     fig.suptitle(title, fontsize=13, fontweight="bold")
     return fig, axes
 
