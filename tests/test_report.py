@@ -249,8 +249,9 @@ def test_landscape_figure_states_the_step_size_grid_of_its_callback(tmp_path):
     record["options"] = {"trainer.callbacks": callbacks, "model.init_args.lr": 0.1}
     write_run(exp_dir / "a", scalars, record=record)
     figures = {f.name: f for f in make_figures(discover(tmp_path)[0])}
-    assert figures["landscape"].figure.get_suptitle().endswith("η ∈ {0.05, 0.1, …, 0.4} (8 step sizes)")
-    assert figures["landscape_unit"].figure.get_suptitle().endswith("d ∈ {0.05, 0.1} (2 distances)")
+    title = lambda name: " ".join(figures[name].figure.get_suptitle().split())  # noqa: E731 (wrapped lines)
+    assert title("landscape").endswith("η ∈ {0.05, 0.1, …, 0.4} (8 step sizes)")
+    assert title("landscape_unit").endswith("d ∈ {0.05, 0.1} (2 distances)")
 
 
 def test_stable_learning_rates_per_batch_size(tmp_path):
