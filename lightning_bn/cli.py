@@ -22,6 +22,7 @@ import difflib
 import inspect
 import logging
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator, Sequence
@@ -32,13 +33,16 @@ from typing import Any
 import pytorch_lightning as pl
 import yaml
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning import callbacks as pl_callbacks
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+import callbacks as measurement_callbacks
 from callbacks.validation import CallbackArgumentError
 from lightning_bn import models
 from lightning_bn.errors import ConfigError, fail
+from lightning_bn.tensorboard_summary import TensorBoardSummary
 
 TRAINER_DEFAULTS = {
     "logger": {
@@ -167,36 +171,101 @@ def _parse_problem(lines: list[str]) -> _Problem:
     return _Problem([name], " ".join(reasons[:2]) if reasons else body[-1].strip() if body else "invalid")
 
 
+def _fields(node: ast.AST | None) -> dict[str, ast.AST]:
+    """The keys of a dict or ``Namespace(...)`` in jsonargparse's printed "Given value:"."""
+    if isinstance(node, ast.Dict):
+        return {k.value: v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant)}
+    if isinstance(node, ast.Call):
+        return {kw.arg: kw.value for kw in node.keywords if kw.arg}
+    return {}
+
+
+def _given_elements(given: str | None) -> list[tuple[str | None, dict[str, ast.AST], bool]]:
+    """(class_path, init_args, already validated) of each element of a list "Given value:"."""
+    try:
+        tree = ast.parse(given or "", mode="eval").body
+    except (SyntaxError, ValueError):
+        return []
+    if not isinstance(tree, ast.List):
+        return []
+    out = []
+    for element in tree.elts:
+        if isinstance(element, ast.Constant):
+            out.append((element.value, {}, False))
+            continue
+        found = _fields(element).get("class_path")
+        path = found.value if isinstance(found, ast.Constant) else None
+        # Elements before the failing one are already validated (Namespace); raw ones are dicts.
+        out.append((path, _fields(_fields(element).get("init_args")), not isinstance(element, ast.Dict)))
+    return out
+
+
 def _element_index(given: str | None, class_path: str | None, key: str | None) -> int | None:
     """Which element of a list value (jsonargparse's "Given value:") has ``class_path`` and sets ``key``."""
-    if not given or not class_path:
+    if not class_path:
         return None
-    try:
-        tree = ast.parse(given, mode="eval").body
-    except (SyntaxError, ValueError):
-        return None
-    if not isinstance(tree, ast.List):
-        return None
-
-    def fields(node: ast.AST | None) -> dict[str, ast.AST]:
-        if isinstance(node, ast.Dict):
-            return {k.value: v for k, v in zip(node.keys, node.values) if isinstance(k, ast.Constant)}
-        if isinstance(node, ast.Call):
-            return {kw.arg: kw.value for kw in node.keywords if kw.arg}
-        return {}
-
-    matches = []
-    for index, element in enumerate(tree.elts):
-        if isinstance(element, ast.Constant):
-            path, init = element.value, {}
-        else:
-            found = fields(element).get("class_path")
-            path = found.value if isinstance(found, ast.Constant) else None
-            init = fields(fields(element).get("init_args"))
-        if path == class_path and (key is None or key in init):
-            # Elements before the failing one are already validated (Namespace); prefer raw ones.
-            matches.append((not isinstance(element, ast.Dict), index))
+    matches = [
+        (validated, index)
+        for index, (path, init, validated) in enumerate(_given_elements(given))
+        if path == class_path and (key is None or key in init)
+    ]
     return min(matches)[1] if matches else None
+
+
+def _unknown_callback(given: str | None) -> tuple[int | None, str | None]:
+    """(index, class_path) of the first callback in a list "Given value:" that names no class."""
+    for index, (path, _, _) in enumerate(_given_elements(given)):
+        if isinstance(path, str) and not _resolves(path):
+            return index, path
+    text = (given or "").strip().strip("'\"")
+    return None, text if text and not text.startswith("[") else None
+
+
+def _resolves(class_path: str) -> bool:
+    """Whether ``class_path`` names a class jsonargparse can find (an import path or a known name)."""
+    if "." not in class_path:
+        return any(known.rpartition(".")[2] == class_path for known in _known_classes("trainer.callbacks"))
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return isinstance(getattr(__import__(module_name, fromlist=[name]), name, None), type)
+    except (ImportError, ValueError):
+        return False
+
+
+def _known_classes(section: str) -> list[str]:
+    """The classes a user can name for ``model`` or ``trainer.callbacks``: ours first, then Lightning's."""
+    if section == "model":
+        return [f"lightning_bn.{name}" for name in models.__all__]
+    ours = [f"callbacks.{n}" for n in measurement_callbacks.__all__ if _is_callback(measurement_callbacks, n)]
+    lightnings = [f"pytorch_lightning.callbacks.{n}" for n in pl_callbacks.__all__ if _is_callback(pl_callbacks, n)]
+    return [c for c in ours if not c.endswith(".MeasurementCallback")] + lightnings
+
+
+def _is_callback(module: Any, name: str) -> bool:
+    obj = getattr(module, name, None)
+    return isinstance(obj, type) and issubclass(obj, pl.Callback) and not inspect.isabstract(obj)
+
+
+def _class_hint(section: str, class_path: str) -> str:
+    """The "; did you mean ...? (the known classes)" tail of an error about a class not found."""
+    known = _known_classes(section)
+    by_name = {k.rpartition(".")[2]: k for k in reversed(known)}
+    close = _suggest(class_path.rpartition(".")[2], list(by_name))
+    hint = f"; did you mean {by_name[close]!r}?" if close else ""
+    if section == "model":
+        return f"{hint} (the project's models: {', '.join(known)})"
+    ours = [k for k in known if k.startswith("callbacks.")]
+    return f"{hint} (the project's callbacks: {', '.join(ours)}; or Lightning's, e.g. ModelCheckpoint)"
+
+
+def _suggest(word: str, choices: Sequence[str]) -> str | None:
+    """The choice ``word`` is most likely a misspelling of: a close match, else a prefix either way
+    (``lrate`` -> ``lr``, which difflib finds too different)."""
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    prefixes = [c for c in choices if min(len(c), len(word)) >= 2 and (word.startswith(c) or c.startswith(word))]
+    return max(prefixes, key=len) if len(prefixes) == 1 else None
 
 
 def _class_options(class_path: str) -> list[str]:
@@ -226,6 +295,28 @@ def _show_given(value: str) -> str:
     return value
 
 
+def _callback_option(problem: _Problem, option: str) -> str:
+    """``trainer.callbacks[i]...``: which element of the list the problem is about; for a class
+    that is not found, the known callbacks go into ``problem.reason``."""
+    if len(problem.path) > 2:
+        index = _element_index(problem.given, problem.owner, problem.path[2])
+        return option if index is None else f"trainer.callbacks[{index}]." + ".".join(problem.path[1:])
+    if problem.path != ["trainer.callbacks"]:
+        return option
+    if problem.class_path:
+        index = _element_index(problem.given, problem.class_path, None)
+        problem.reason += _class_hint("trainer.callbacks", problem.class_path)
+        return option if index is None else f"trainer.callbacks[{index}].class_path"
+    if problem.reason.startswith("expected a class name"):
+        # A list with one unknown name: point at that element instead of printing the whole list.
+        index, class_path = _unknown_callback(problem.value)
+        if class_path is not None:
+            problem.reason = f"{class_path!r} is not a class" + _class_hint("trainer.callbacks", class_path)
+            problem.value = None
+            return option if index is None else f"trainer.callbacks[{index}].class_path"
+    return option
+
+
 def summarize_error(message: str, known_keys: Sequence[str] = ()) -> str:
     """Condense jsonargparse's nested error report into one line.
 
@@ -242,35 +333,38 @@ def summarize_error(message: str, known_keys: Sequence[str] = ()) -> str:
     if subcommand:  # "fit.model" is the option "model" of `train.py fit`
         problem.path[0] = subcommand.group(2)
     option = ".".join(problem.path)
-    if problem.path[0] == "trainer.callbacks" and len(problem.path) > 2:
-        index = _element_index(problem.given, problem.owner, problem.path[2])
-        if index is not None:
-            option = f"trainer.callbacks[{index}]." + ".".join(problem.path[1:])
-    elif problem.path == ["trainer.callbacks"] and problem.class_path:
-        index = _element_index(problem.given, problem.class_path, None)
-        if index is not None:
-            option = f"trainer.callbacks[{index}].class_path"
+    if problem.path[0] == "trainer.callbacks":
+        option = _callback_option(problem, option)
     owner = f" ({problem.owner.rpartition('.')[2]})" if problem.owner else ""
     reason = problem.reason
     if problem.unknown:
-        leaf = problem.path[-1]
-        if problem.owner:
-            choices = _class_options(problem.owner)
-        else:
-            choices = list(known_keys)
-            leaf = option
-        close = difflib.get_close_matches(leaf, choices, n=1, cutoff=0.6)
+        choices = _class_options(problem.owner) if problem.owner else []
+        close = _suggest(problem.path[-1], choices) if problem.owner else _suggest_key(option, known_keys)
         if close:
-            reason += f"; did you mean {close[0]!r}?"
+            reason += f"; did you mean {close!r}?"
         if problem.owner and choices:
             reason += f" (options of {problem.owner}: {', '.join(choices)})"
         elif not problem.owner and not close:
             reason += " (check its spelling; `python train.py fit --help` lists the options)"
     elif problem.value is not None:
         reason += f", got {_show_given(problem.value)}"
-    if problem.path == ["model"] and "class_path" in reason:
-        reason += f"; the project's models are {', '.join('lightning_bn.' + m for m in models.__all__)}"
+    named = problem.class_path or (problem.value if reason.startswith("expected a class name") else None)
+    if problem.path == ["model"] and named:
+        reason += _class_hint("model", named.strip("'\""))
     return f"{option}{owner}: {reason}"
+
+
+def _suggest_key(option: str, known_keys: Sequence[str]) -> str | None:
+    """The parser key ``option`` most likely means, compared name to name within its section
+    (``trainer.max_epoch`` -> ``trainer.max_epochs``; ``trainer.foo`` is not ``trainer.logger``),
+    else the same name in another section (``max_epochs`` -> ``trainer.max_epochs``)."""
+    section, _, leaf = option.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known_keys if k.rpartition(".")[0] == section}
+    close = _suggest(leaf, list(siblings))
+    if close:
+        return siblings[close]
+    elsewhere = [k for k in known_keys if k.rpartition(".")[2] == leaf and k != option]
+    return elsewhere[0] if len(elsewhere) == 1 else None
 
 
 def _parser_keys(parser: Any) -> list[str]:
@@ -284,6 +378,12 @@ def _parser_keys(parser: Any) -> list[str]:
 
 class _Parser(LightningArgumentParser):
     """Reports a parse error as one line instead of the usage block and a nested report."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # argparse expands a unique prefix (``--trainer.max_epoch`` -> ``max_epochs``): a typo
+        # would run silently on the command line while the same key in YAML is refused.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):  # argparse's API
         if not self.exit_on_error:
@@ -467,15 +567,27 @@ class NormStudyCLI(LightningCLI):
                 raise
             raise ConfigError(message) from err
         self.trainer.callbacks.append(_ReleaseLogs(self._held))
+        # what TensorBoard opens on: the custom-scalars layout and the run's real hyperparameters
+        if not any(isinstance(c, TensorBoardSummary) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(TensorBoardSummary())
 
     def _run_subcommand(self, subcommand: str) -> None:
+        before = _LogDirBefore.of(self.trainer)
         try:
             super()._run_subcommand(subcommand)
         except Exception as err:
             message = self._explain_run_error(err)
             if message is None:
                 raise
+            # A mistake found at setup: the logger's fresh version_N would hold only an event
+            # file and show up as an empty run (a row of dashes in the report).
+            if self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                before.restore()
             raise ConfigError(message) from err
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            print("\n".join(fit_summary(self.trainer)), flush=True)
 
     # -- explanations ---------------------------------------------------------------------------
     def _section(self) -> Any:
@@ -546,6 +658,89 @@ class NormStudyCLI(LightningCLI):
         index = next((i for i, cb in enumerate(instances) if cb is obj), None)
         where = f"trainer.callbacks[{index}]" if index is not None else "trainer.callbacks"
         return f"{where} ({name}): {_one_line(exc).removeprefix(name + ': ')}"
+
+
+# -- after the run ------------------------------------------------------------------------------
+def fit_summary(trainer: pl.Trainer) -> list[str]:
+    """A few plain lines after ``fit`` (instead of ending on a progress bar): the final metrics,
+    the checkpoint and the log directory, i.e. what a user looks for next."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    epochs, steps = trainer.current_epoch, trainer.global_step
+    lines = [f"fit finished: {epochs} epoch{'s' * (epochs != 1)}, {steps} step{'s' * (steps != 1)}"]
+    for stage in ("train", "val"):
+        shown = [_show_metric(stage, name, metrics.get(f"{stage}/{name}")) for name in ("loss", "acc")]
+        shown = [text for text in shown if text]
+        if shown:
+            lines.append(f"  {stage:<11} {', '.join(shown)}")
+    lines += _checkpoint_lines(trainer.checkpoint_callback)
+    # logger.log_dir, not trainer.log_dir: the latter is a collective call under DDP (rank 0 only here)
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    if log_dir:
+        lines.append(f"  {'logs':<11} {log_dir}")
+    return lines
+
+
+def _show_metric(stage: str, name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    text = f"{name} {value:.1%}" if name == "acc" else f"{name} {value:.4g}"
+    # the module logs the training loss per step (the others per epoch)
+    return f"{text} (last step)" if (stage, name) == ("train", "loss") else text
+
+
+def _checkpoint_lines(ckpt: Any) -> list[str]:
+    if not isinstance(ckpt, pl.callbacks.ModelCheckpoint):
+        return []
+    best, last = ckpt.best_model_path, ckpt.last_model_path
+    lines = []
+    if best and ckpt.monitor:
+        score = f" ({ckpt.monitor}={float(ckpt.best_model_score):.4g})" if ckpt.best_model_score is not None else ""
+        lines.append(f"  {'best ckpt':<11} {best}{score}")
+    elif best:  # without a monitor, the "best" is simply the latest checkpoint
+        lines.append(f"  {'checkpoint':<11} {best}")
+    if last and last != best:
+        lines.append(f"  {'last ckpt':<11} {last}")
+    return lines
+
+
+@dataclass
+class _LogDirBefore:
+    """What the logger's directory held before the run, to take back what a failed setup wrote
+    (an event file alone reads as an empty run in the report)."""
+
+    path: Path | None = None
+    entries: set[str] | None = None  # None: the directory did not exist
+    new_parents: list[Path] = field(default_factory=list)  # created with it, innermost first
+
+    @classmethod
+    def of(cls, trainer: pl.Trainer | None) -> _LogDirBefore:
+        logger = getattr(trainer, "logger", None)
+        # Only loggers whose log_dir is a plain path: asking others (W&B, MLflow) may start a run.
+        if not isinstance(logger, (TensorBoardLogger, CSVLogger)) or not logger.log_dir:
+            return cls()
+        path = Path(logger.log_dir)
+        if path.exists():  # e.g. a sweep run's directory (its train.log, an earlier attempt)
+            return cls(path, {p.name for p in path.iterdir()})
+        return cls(path, None, [p for p in path.parents if not p.exists()])
+
+    def restore(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        if self.entries is not None:
+            for entry in self.path.iterdir():
+                if entry.name in self.entries:
+                    continue
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        for parent in self.new_parents:  # rmdir only when empty: another run may be writing next to it
+            try:
+                parent.rmdir()
+            except OSError:
+                break
 
 
 def _config_error_in(err: BaseException) -> str | None:

@@ -211,14 +211,15 @@ def interpolate(
 
     datamodule.setup("fit")
     train_batches = _limited(datamodule.train_dataloader(), max_batches, seed)
-    stat_batches = _limited(datamodule.train_dataloader(), bn_batches, seed + 1) if bn == "recompute" else []
+    recompute = bn == "recompute" and bool(running_stat_modules(model))  # nothing to recompute without BN
+    stat_batches = _limited(datamodule.train_dataloader(), bn_batches, seed + 1) if recompute else []
     datamodule.setup("test")
     test_batches = _limited(datamodule.test_dataloader(), max_batches, seed)
 
     rows = []
     for alpha in alphas:
         model.load_state_dict(interpolated_state(state_a, state_b, alpha, buffer_names, bn))
-        if bn == "recompute":
+        if recompute:
             with torch.random.fork_rng(devices=[]):  # noise layers and dropout draw from it
                 torch.manual_seed(seed)
                 recompute_running_stats(model, stat_batches, device)
@@ -359,17 +360,56 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint_b", help="solution B (alpha = 1)")
     parser.add_argument("--config", help="LightningCLI YAML: its data section (and model class) are used")
     parser.add_argument("--model-class", help="model class if the checkpoints do not name it, e.g. lightning_bn.VGG")
-    parser.add_argument("--alphas", type=float, nargs=3, metavar=("START", "STOP", "NUM"), default=(-1.0, 2.0, 25))
-    parser.add_argument("--bn", choices=("recompute", "interpolate"), default="recompute")
+    parser.add_argument(
+        "--alphas",
+        type=float,
+        nargs=3,
+        metavar=("START", "STOP", "NUM"),
+        default=(-1.0, 2.0, 25),
+        help="NUM evenly spaced alphas from START to STOP (A at 0, B at 1; default: Keskar's -1 2 25)",
+    )
+    parser.add_argument(
+        "--bn",
+        choices=("recompute", "interpolate"),
+        default="recompute",
+        help="running statistics (BatchNorm and relatives) at each alpha: recompute them on training data "
+        "(default) or interpolate them like the parameters; no effect on a model without them",
+    )
     parser.add_argument("--bn-batches", type=int, help="training batches to recompute the statistics on (default: all)")
     parser.add_argument("--max-batches", type=int, help="evaluate on at most this many batches per split")
     parser.add_argument("--batch-size", type=int, help="override the data module's batch size")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--labels", nargs=2, metavar=("A", "B"), help="names of the solutions in the figure")
-    parser.add_argument("--out", default="interpolation", help="directory for interpolation.csv and .png")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device to evaluate on, e.g. cpu, cuda, cuda:1 (default: cpu)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="fixes which batches are used and the noise of noisy layers (default: 0)"
+    )
+    parser.add_argument(
+        "--labels",
+        nargs=2,
+        metavar=("A", "B"),
+        help="names of the solutions in the figure (default: from the file names)",
+    )
+    parser.add_argument(
+        "--out", default="interpolation", help="directory for interpolation.csv and .png (default: interpolation)"
+    )
     parser.add_argument("--tensorboard", metavar="LOG_DIR", help="also log the figure and table to TensorBoard")
     return parser
+
+
+def default_labels(path_a: str | Path, path_b: str | Path) -> tuple[str, str]:
+    """The file names without suffix, or, when they are the same (``last.ckpt`` twice), the
+    shortest trailing parts of the paths that tell the two apart (``sb/last`` vs ``lb/last``)."""
+    a, b = Path(path_a).with_suffix(""), Path(path_b).with_suffix("")
+    for n in range(1, max(len(a.parts), len(b.parts)) + 1):
+        tail_a, tail_b = "/".join(a.parts[-n:]), "/".join(b.parts[-n:])
+        if tail_a != tail_b:
+            return tail_a, tail_b
+    return str(path_a), str(path_b)  # the same file twice
+
+
+def _same_stem(args: argparse.Namespace) -> bool:
+    return Path(args.checkpoint_a).stem == Path(args.checkpoint_b).stem
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
@@ -383,8 +423,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
         model_class = args.model_class or config_class
         model_a = load_model(args.checkpoint_a, model_class, args.device)
         model_b = load_model(args.checkpoint_b, model_class, args.device)
-        labels = tuple(args.labels) if args.labels else (Path(args.checkpoint_a).stem, Path(args.checkpoint_b).stem)
-        check_compatible(model_a, model_b, labels)
+        labels = tuple(args.labels) if args.labels else default_labels(args.checkpoint_a, args.checkpoint_b)
+        # Errors name the files themselves when their names alone would not tell them apart.
+        names = labels if labels[0] != labels[1] and not _same_stem(args) else (args.checkpoint_a, args.checkpoint_b)
+        check_compatible(model_a, model_b, names)
         rows = interpolate(
             model_a, model_b, datamodule, alphas, args.bn, args.bn_batches, args.max_batches, args.device, args.seed
         )
@@ -393,7 +435,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, float]]:
     out = Path(args.out)
     try:
         csv_path = write_csv(rows, out / "interpolation.csv")
-        figure = plot(rows, labels, title=f"BN statistics: {args.bn}")
+        # The --bn rule means nothing for a model without running statistics: no title about it.
+        title = f"BN statistics: {args.bn}" if running_stat_modules(model_a) else None
+        figure = plot(rows, labels, title=title)
         tmp = out / f".interpolation.{os.getpid()}.png"
         figure.savefig(tmp, dpi=120)
         os.replace(tmp, out / "interpolation.png")

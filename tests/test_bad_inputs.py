@@ -82,6 +82,25 @@ CASES = [
          r"^error: model\.init_args\.widht \(DeepLinearNet\): not an option; did you mean 'width'\? "
          r"\(options of lightning_bn\.DeepLinearNet: in_features, ",
          {"c.yaml": "model:\n  init_args:\n    widht: 3\n"}),
+    # -- issue 17: misspellings get a suggestion in their section, and no abbreviations ----------------
+    Case("abbreviated trainer option is refused", "train", [*FIT, "--trainer.max_epoch", "3"],
+         r"^error: trainer\.max_epoch: not an option; did you mean 'trainer\.max_epochs'\?$"),
+    Case("abbreviated option with =", "train", [*FIT, "--trainer.max_epoch=3"],
+         r"^error: trainer\.max_epoch: not an option; did you mean 'trainer\.max_epochs'\?$"),
+    Case("abbreviated top-level option is refused", "train", [*FIT, "--seed_every", "3"],
+         r"^error: seed_every: not an option; did you mean 'seed_everything'\?$"),
+    Case("option in the wrong section", "train", [*FIT, "--max_epochs", "3"],
+         r"^error: max_epochs: not an option; did you mean 'trainer\.max_epochs'\?$"),
+    Case("unknown trainer key is no misspelling of its section", "train", [*FIT, "--trainer.foo", "3"],
+         r"^error: trainer\.foo: not an option \(check its spelling; "),
+    Case("misspelled model key lrate in YAML", "train", [*FIT, "--config", "{tmp}/c.yaml"],
+         r"^error: model\.init_args\.lrate \(DeepLinearNet\): not an option; did you mean 'lr'\? ",
+         {"c.yaml": "model:\n  lrate: 0.1\n"}),
+    Case("misspelled model key lrate on the command line", "train", [*FIT, "--model.lrate", "0.1"],
+         r"^error: model\.init_args\.lrate \(DeepLinearNet\): not an option; did you mean 'lr'\? "),
+    Case("misspelled model class", "train", [*FIT, "--model", "VGGG"],
+         r"^error: model: expected a class name or import path, got 'VGGG'; did you mean 'lightning_bn\.VGG'\? "
+         r"\(the project's models: lightning_bn\.VGG, lightning_bn\.DeepLinearNet, "),
     Case("unknown subcommand", "train", ["fitt", "--config", DLN], r"^error: .*invalid choice: 'fitt'"),
     Case("unresolved interpolation", "train", [*FIT, "--config", "{tmp}/c.yaml"],
          r"^error: model\.init_args\.lr: Interpolation key 'oops' not found$",
@@ -159,6 +178,22 @@ CASES = [
     Case("unknown callback class", "train", [*FIT, "--config", "{tmp}/callbacks.yaml"],
          r"^error: trainer\.callbacks\[0\]\.class_path: Problem with given class_path 'callbacks\.Nope'",
          {"callbacks.yaml": "trainer:\n  callbacks:\n    - class_path: callbacks.Nope\n"}),
+    Case("misspelled callback class lists the known ones", "train", [*FIT, "--config", "{tmp}/callbacks.yaml"],
+         r"^error: trainer\.callbacks\[1\]\.class_path: .*'callbacks\.LandscapeCallbak'.*; "
+         r"did you mean 'callbacks\.LandscapeCallback'\? \(the project's callbacks: "
+         r"callbacks\.ActivationStatsCallback, .*callbacks\.ICSCallback, .*; or Lightning's, e\.g\. ModelCheckpoint\)$",
+         _callbacks(TWO_CALLBACKS.replace("callbacks.ICSCallback", "callbacks.LandscapeCallbak") % "")),
+    Case("misspelled short callback class", "train", [*FIT, "--config", "{tmp}/callbacks.yaml"],
+         r"^error: trainer\.callbacks\[1\]\.class_path: 'LandscapeCallbak' is not a class; "
+         r"did you mean 'callbacks\.LandscapeCallback'\? \(the project's callbacks: ",
+         _callbacks(TWO_CALLBACKS.replace("callbacks.ICSCallback", "LandscapeCallbak") % "")),
+    Case("misspelled callback class on the command line", "train", [*FIT, "--trainer.callbacks+=ICSCallbak"],
+         r"^error: trainer\.callbacks: 'ICSCallbak' is not a class; did you mean 'callbacks\.ICSCallback'\? "),
+    Case("second of two callbacks of one class", "train", [*FIT, "--config", "{tmp}/callbacks.yaml"],
+         r"^error: trainer\.callbacks\[1\]\.init_args\.every_n_steps \(ICSCallback\): "
+         r"must be an integer >= 1, got 0$",
+         _callbacks(TWO_CALLBACKS.replace("callbacks.ActivationStatsCallback", "callbacks.ICSCallback")
+                    % "every_n_steps: 0")),
     Case("Lightning callback refuses a value", "train", [*FIT, "--config", "{tmp}/callbacks.yaml"],
          r"^error: trainer\.callbacks\[0\] \(ModelCheckpoint\): .*every_n_train_steps=-1",
          _callbacks(ONE_CALLBACK % ("pytorch_lightning.callbacks.ModelCheckpoint", "every_n_train_steps: -1"))),
@@ -182,6 +217,21 @@ CASES = [
     Case("sweep grid value the model refuses", "sweep", ["{tmp}/s.yaml", "--runs-root", "{tmp}/runs", "--quiet"],
          r"^error: run norm=foo: model\.init_args\.norm \(DeepLinearNet\): norm='foo' is not a known normalization",
          {"s.yaml": SWEEP % "[none, foo]"}),
+    Case("sweep --set unknown key", "sweep", ["{tmp}/s.yaml", "--runs-root", "{tmp}/runs", "--quiet",
+                                              "--set", "trainer.foo=3"],
+         r"^error: --set trainer\.foo=3: trainer\.foo: not an option", {"s.yaml": SWEEP % "[none, batch]"}),
+    Case("sweep --set abbreviation is refused", "sweep", ["{tmp}/s.yaml", "--runs-root", "{tmp}/runs", "--quiet",
+                                                          "--set", "trainer.max_epoch=3"],
+         r"^error: --set trainer\.max_epoch=3: trainer\.max_epoch: not an option; "
+         r"did you mean 'trainer\.max_epochs'\?$", {"s.yaml": SWEEP % "[none, batch]"}),
+    Case("sweep --set misspelled model key", "sweep", ["{tmp}/s.yaml", "--runs-root", "{tmp}/runs", "--quiet",
+                                                       "--set", "model.lrate=0.1"],
+         r"^error: --set model\.lrate=0\.1: model\.init_args\.lrate \(DeepLinearNet\): not an option; "
+         r"did you mean 'lr'\?", {"s.yaml": SWEEP % "[none]"}),
+    Case("sweep --set value the model refuses", "sweep", ["{tmp}/s.yaml", "--runs-root", "{tmp}/runs", "--quiet",
+                                                          "--set", "model.init_args.lr=-1"],
+         r"^error: --set model\.init_args\.lr=-1: model\.init_args\.lr \(DeepLinearNet\): lr must be > 0, got -1$",
+         {"s.yaml": SWEEP % "[none]"}),
     # -- python -m lightning_bn.report --------------------------------------------------------------------
     Case("report runs dir missing", "report", ["{tmp}/missing"], r"^error: runs directory '.*missing' does not exist$"),
     Case("report --out is a file", "report", ["{tmp}", "--out", "{tmp}/file.txt"],
@@ -325,10 +375,10 @@ def test_training_that_fails_at_setup_leaves_the_run_directory_readable(tmp_path
     assert len(lines) == 1 and lines[0].startswith("error: trainer.callbacks[0] (ICSCallback): "), lines
     # The earlier run is untouched, and everything under runs/ still reads as runs.
     assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == saved
-    # (The failed run's logger made its own version directory before the callback refused.)
+    # The failed run leaves no version directory of its own (it would be an empty run in the report).
+    assert sorted(p.name for p in first.parent.iterdir()) == [first.name]
     found = {run.dir: run for exp in discover(runs) for run in exp.runs}
-    assert first in found and found[first].events.tags("train/")
-    assert all(run.events is not None for run in found.values())
+    assert list(found) == [first] and found[first].events.tags("train/")
 
 
 def test_interpolate_writes_results_whole_or_not_at_all(tmp_path):

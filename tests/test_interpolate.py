@@ -16,11 +16,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_bn import VGG
+from lightning_bn import interpolate as interpolate_module
 from lightning_bn.data.base import InMemoryImageDataModule
 from lightning_bn.errors import ConfigError
 from lightning_bn.interpolate import (
+    build_parser,
     check_compatible,
     default_alphas,
+    default_labels,
     evaluate,
     interpolate,
     interpolated_state,
@@ -42,9 +45,9 @@ class SyntheticImages(InMemoryImageDataModule):
         return images, torch.randint(0, 3, (n,), generator=g)
 
 
-def tiny_vgg(seed: int, width: float = 0.0625, layout: str = "vgg11") -> VGG:
+def tiny_vgg(seed: int, width: float = 0.0625, layout: str = "vgg11", norm: str = "batch") -> VGG:
     torch.manual_seed(seed)
-    return VGG(layout=layout, width=width, num_classes=3, lr=0.05)
+    return VGG(layout=layout, width=width, num_classes=3, lr=0.05, norm=norm)
 
 
 def train_and_save(model: pl.LightningModule, path, batch_size: int = 16):
@@ -199,3 +202,51 @@ def test_invalid_function_arguments_are_refused(solutions):
         interpolate(a, b, SyntheticImages(), bn="freeze")
     with pytest.raises(ConfigError, match="max_batches must be >= 1"):
         interpolate(a, b, SyntheticImages(), max_batches=0)
+
+
+def test_every_option_has_help_text():
+    undocumented = [a.dest for a in build_parser()._actions if not a.help]
+    assert undocumented == []
+
+
+def test_labels_tell_apart_two_checkpoints_of_the_same_name():
+    assert default_labels("runs/small.ckpt", "runs/large.ckpt") == ("small", "large")
+    assert default_labels("sb/checkpoints/last.ckpt", "lb/checkpoints/last.ckpt") == (
+        "sb/checkpoints/last",
+        "lb/checkpoints/last",
+    )
+    assert default_labels("a/last.ckpt", "a/last.ckpt") == ("a/last.ckpt", "a/last.ckpt")
+
+
+def test_error_about_two_checkpoints_of_the_same_name_shows_their_paths(solutions, tmp_path, capsys):
+    _, _, root = solutions
+    (tmp_path / "sb").mkdir()
+    (tmp_path / "sb" / "last.ckpt").write_bytes((root / "small.ckpt").read_bytes())
+    (tmp_path / "wide").mkdir()
+    train_and_save(tiny_vgg(2, width=0.125), tmp_path / "wide" / "last.ckpt")
+    a, b = str(tmp_path / "sb" / "last.ckpt"), str(tmp_path / "wide" / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main([a, b, "--model-class", "lightning_bn.VGG", "--out", str(tmp_path / "never")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: parameter shapes differ: ") and err.count("\n") == 1, err
+    assert f"in {a} but" in err and err.rstrip().endswith(f"in {b}"), err
+
+
+def test_no_bn_statistics_title_for_a_model_without_bn(tmp_path, monkeypatch):
+    config = tmp_path / "config.yaml"
+    config.write_text("data:\n  class_path: tests.test_interpolate.SyntheticImages\n  init_args:\n    batch_size: 16\n")
+    paths = [tmp_path / "a.ckpt", tmp_path / "b.ckpt"]
+    for seed, path in enumerate(paths):
+        train_and_save(tiny_vgg(seed, norm="none"), path)
+    titles = []
+    real_plot = interpolate_module.plot
+
+    def recording_plot(rows, labels, title=None):
+        titles.append(title)
+        return real_plot(rows, labels, title)
+
+    monkeypatch.setattr(interpolate_module, "plot", recording_plot)
+    argv = [*map(str, paths), "--config", str(config), "--alphas", "0", "1", "2", "--max-batches", "1"]
+    main([*argv, "--model-class", "lightning_bn.VGG", "--out", str(tmp_path / "out")])
+    assert titles == [None]

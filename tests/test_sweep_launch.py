@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_bn.errors import ConfigError
 from lightning_bn.sweep import build_spec
@@ -320,3 +321,26 @@ def test_missing_extra_names_the_pip_command(launcher, module, tmp_path, stub, m
         f"error: --launcher {launcher} needs the {module} package: pip install 'lightning-bn[{launcher}]'"
     )
     assert calls() == [] and not (tmp_path / "runs").exists()
+
+
+def test_runs_for_a_cluster_are_checked_without_this_machines_hardware(tmp_path):
+    # `--launcher slurm ... --set trainer.accelerator=gpu` from a login node without a GPU: the
+    # keys and values are still checked before anything is submitted, the missing GPU is not a mistake.
+    from lightning_bn.sweep import expand, load_sweep
+    from lightning_bn.sweep.__main__ import check_runs
+    from lightning_bn.sweep.state import plan
+
+    dln = str(Path(__file__).resolve().parents[1] / "configs" / "dln" / "none.yaml")
+    path = write_sweep(tmp_path / "s.yaml", {"name": "gpu", "base_config": dln, "grid": {"seed_everything": [0]}})
+
+    def check(*items: str, remote: bool) -> None:
+        spec = load_sweep(path, extra_overrides=dict(item.split("=") for item in items))
+        plans = [plan(spec, run, tmp_path / "runs") for run in expand(spec)]
+        check_runs(spec, plans, tmp_path / "runs", set_items=items, remote=remote)
+
+    check("trainer.accelerator=gpu", "trainer.devices=1", remote=True)
+    with pytest.raises(ConfigError, match=r"^--set trainer\.max_epoch=1: .*did you mean 'trainer\.max_epochs'\?$"):
+        check("trainer.accelerator=gpu", "trainer.max_epoch=1", remote=True)
+    if not torch.cuda.is_available():  # on this machine the runs would need the GPU it lacks
+        with pytest.raises(ConfigError, match=r"^run seed=0: trainer: .*gpu"):
+            check("trainer.accelerator=gpu", "trainer.devices=1", remote=False)

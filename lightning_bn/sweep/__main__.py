@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import sys
@@ -99,9 +100,18 @@ def _sweep_command(args: argparse.Namespace, only: str | None = None) -> str:
     return shlex.join(parts)
 
 
-def check_runs(spec: SweepSpec, plans: Sequence[Plan], runs_root: str | Path) -> None:
+def check_runs(
+    spec: SweepSpec,
+    plans: Sequence[Plan],
+    runs_root: str | Path,
+    *,
+    set_items: Sequence[str] = (),
+    remote: bool = False,
+) -> None:
     """Every grid value once through the training CLI (parsed and built, nothing trained): a bad
-    option stops the sweep before any run starts, with one line naming the run and the option."""
+    option stops the sweep before any run starts, with one line naming the ``--set`` item or the
+    run, and the option. ``remote``: the runs execute elsewhere, so this machine's lack of a GPU
+    is no mistake (the check builds the Trainer on the CPU; keys and values are still checked)."""
     from lightning_bn.cli import check
 
     chosen, seen = [], set()
@@ -110,11 +120,26 @@ def check_runs(spec: SweepSpec, plans: Sequence[Plan], runs_root: str | Path) ->
         if p.to_execute and not pairs <= seen:
             chosen.append(p.run)
             seen |= pairs
+    hardware = ["--trainer.accelerator=cpu", "--trainer.devices=1"] if remote else []
     for run in chosen:
         try:
-            check(stage_args(spec, run, spec.command, runs_root)[1:])  # without the subcommand
+            check([*stage_args(spec, run, spec.command, runs_root)[1:], *hardware])  # without the subcommand
         except ConfigError as err:
-            raise ConfigError(f"run {run.name}: {err}") from None
+            raise ConfigError(f"{_culprit(str(err), set_items, run.name)}: {err}") from None
+
+
+def _culprit(message: str, set_items: Sequence[str], run_name: str) -> str:
+    """``--set KEY=VALUE`` when the refused option is one given with --set (it applies to every
+    run, so naming a run would mislead), else ``run NAME``."""
+
+    def plain(key: str) -> str:  # model.init_args.lr, model.lr and trainer.callbacks[1].x alike
+        return re.sub(r"\[\d+\]", "", key.replace(".init_args.", ".")).strip()
+
+    option = plain(re.split(r"[ :]", message, maxsplit=1)[0])
+    for item in set_items:
+        if plain(item.partition("=")[0]) == option:
+            return f"--set {item}"
+    return f"run {run_name}"
 
 
 def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_ENTRY, out: TextIO | None = None) -> int:
@@ -184,7 +209,7 @@ def main(argv: Sequence[str] | None = None, *, entry: Sequence[str] = DEFAULT_EN
         if any(p.to_execute for p in plans):
             launcher.check()
         if tuple(entry) == DEFAULT_ENTRY:  # our own training CLI: check the options before any run starts
-            check_runs(spec, plans, args.runs_root)
+            check_runs(spec, plans, args.runs_root, set_items=args.set, remote=args.launcher != "local")
     except ConfigError as err:
         launcher.close()
         sys.stderr.write(f"error: {err}\n")
