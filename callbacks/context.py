@@ -15,7 +15,8 @@ How a loss is evaluated (the protocols every callback relies on):
 * Parameters are set by in-place copy under ``no_grad`` and copied back bit for bit.
 * ``bn_mode="train"`` keeps the module modes of the training step (batch statistics);
   ``"eval"`` puts the whole module in eval mode (running statistics, no dropout or noise).
-  Buffers (running statistics, ``num_batches_tracked``) are restored after every call.
+  Buffers (running statistics, ``num_batches_tracked``) are restored after every call
+  (with ``sequential=True`` guarded once per block, same values; see :meth:`StepContext.evaluation`).
 * Randomness: before every loss call all RNG streams are set to their state at
   ``on_train_batch_start`` and afterwards set back; every submodule with a boolean
   ``replay_noise`` attribute gets ``replay_noise = True`` (reuse the last training noise
@@ -40,6 +41,7 @@ from torch import Tensor
 
 from callbacks.distributed import all_reduce_mean, all_reduce_mean_dict, world_size
 from callbacks.guards import (
+    SequentialCalls,
     buffers_isolated,
     grad_only_for,
     logging_suppressed,
@@ -112,6 +114,7 @@ class StepContext:
     _param_cache: dict[str, Tensor] | None = field(default=None, repr=False)
     _module_cache: dict[str, list[Any]] | None = field(default=None, repr=False)
     _takes_batch_idx: bool | None = field(default=None, repr=False)
+    _sequential: SequentialCalls | None = field(default=None, repr=False)
 
     # -- the primitives ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -121,6 +124,7 @@ class StepContext:
         *,
         wrt: Iterable[str] | None = (),
         bn_mode: BNMode | None = None,
+        sequential: bool = False,
     ) -> Iterator[LossFn]:
         """Set the live parameters to ``params`` (names as ``pl_module.named_parameters()``;
         missing names keep their live value) and yield ``loss_fn(batch=..., batch_idx=...)``.
@@ -132,6 +136,11 @@ class StepContext:
         with ``create_graph=True`` for Hessian-vector products). The graph is only valid
         inside the ``with`` block; every change is undone on exit. Reduce across ranks
         yourself (:meth:`reduce_mean`) -- every rank must make the same calls.
+
+        ``sequential=True`` promises that the caller is done with the graph of each
+        ``loss_fn()`` (differentiated or dropped) before calling it again: buffers and metric
+        states are then guarded once for the block (:class:`~callbacks.guards.SequentialCalls`)
+        instead of once per call, with the same values at every call.
         """
         mode = self.bn_mode if bn_mode is None else bn_mode
         module, modules, named = self.pl_module, self._modules(), self._named()
@@ -144,7 +153,13 @@ class StepContext:
             stack.enter_context(noise_replayed(module, self._modules("noise")))
             stack.enter_context(logging_suppressed(module))
             stack.enter_context(torch.enable_grad() if names is None or names else torch.no_grad())
-            yield self._loss_fn
+            outer = self._sequential  # a nested evaluation guards its own calls
+            guarded = SequentialCalls(self._modules("buffers"), self._modules("metrics")) if sequential else None
+            self._sequential = guarded
+            try:
+                yield self._loss_fn
+            finally:
+                self._sequential = outer
 
     def _loss_fn(self, batch: Any = _NO_BATCH, batch_idx: int | None = None) -> Tensor:
         if batch is _NO_BATCH and batch_idx is None and self.accumulated:
@@ -157,8 +172,13 @@ class StepContext:
         precision = (
             self.trainer.precision_plugin.train_step_context() if self.trainer is not None else contextlib.nullcontext()
         )
-        buffers, metrics = self._modules("buffers"), self._modules("metrics")
-        with replayed_rng(rng), buffers_isolated(module, buffers), metrics_preserved(module, metrics), precision:
+        # Accumulation sums the graphs of several calls before differentiating: not sequential.
+        if self._sequential is not None and not self.accumulated:
+            buffers, metrics = self._sequential.call(), contextlib.nullcontext()
+        else:
+            buffers = buffers_isolated(module, self._modules("buffers"))
+            metrics = metrics_preserved(module, self._modules("metrics"))
+        with replayed_rng(rng), buffers, metrics, precision:
             hook = getattr(module, "measurement_loss", None)
             out = hook(batch, batch_idx) if callable(hook) else self._training_step(batch, batch_idx)
         return extract_loss(out)

@@ -128,14 +128,7 @@ def metrics_preserved(module: nn.Module, modules: Iterable[nn.Module] | None = N
         yield
     finally:
         for mod, attr, value in saved:
-            # An attribute already in __dict__ is neither parameter, buffer nor submodule:
-            # setattr would store it there after Module.__setattr__'s checks (a few µs each,
-            # several per metric, at every evaluation).
-            plain = mod.__dict__
-            if attr in plain:
-                plain[attr] = value
-            else:
-                setattr(mod, attr, value)
+            _set_attr(mod, attr, value)
 
 
 def _clone_state(value: Any) -> Any:
@@ -216,3 +209,96 @@ def logging_suppressed(pl_module: nn.Module) -> Iterator[None]:
                 pl_module.__dict__[name] = saved[name]
             else:
                 pl_module.__dict__.pop(name, None)
+
+
+class SequentialCalls:
+    """:func:`buffers_isolated` and :func:`metrics_preserved` for a series of calls, set up once.
+
+    For a caller that is done with each call's autograd graph before the next call (a loop over
+    parameter values): on a small model, snapshotting every buffer and metric state at every
+    call costs as much as the forward pass. Each ``with calls.call():`` sees what the per-call
+    guards give it, bit for bit: every buffer a private copy of the original (made at the first
+    call and reset in place, one fused copy, before each later one; in place is safe because no
+    graph of an earlier call is differentiated any more), the originals back in place between
+    calls; every metric state as it was at the start: a state that a call replaced, or modified
+    in place (PyTorch's version counter), is put back as a fresh copy of its value at the start.
+    """
+
+    def __init__(self, buffer_modules: Iterable[nn.Module], metric_modules: Iterable[nn.Module]) -> None:
+        self._slots = [
+            (mod._buffers, name, buf) for mod in buffer_modules for name, buf in mod._buffers.items() if buf is not None
+        ]
+        self._originals = [buf for _, _, buf in self._slots]
+        self._copies: list[Tensor] | None = None
+        self._metrics = _MetricStates(metric_modules)
+
+    @contextmanager
+    def call(self) -> Iterator[None]:
+        if self._copies is None:
+            self._copies = [buf.detach().clone() for buf in self._originals]
+        elif self._copies:
+            with torch.no_grad():
+                torch._foreach_copy_(self._copies, self._originals)
+        for (buffers, name, _), copy_ in zip(self._slots, self._copies):
+            buffers[name] = copy_
+        try:
+            yield
+        finally:
+            for buffers, name, buf in self._slots:
+                buffers[name] = buf
+            self._metrics.restore()
+
+
+class _MetricStates:
+    """The torchmetrics states of ``modules`` (as :func:`metrics_preserved` saves them), and
+    :meth:`restore`, which puts back only what changed (cheap when nothing did)."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        #: [module, attribute, saved value, installed tensor, its version] of tensor states
+        self._tensors: list[list[Any]] = []
+        #: (module, attribute, saved value, whether it needs a fresh copy at every restore)
+        self._others: list[tuple[nn.Module, str, Any, bool]] = []
+        for mod in modules:
+            defaults = getattr(mod, "_defaults", None)
+            if not isinstance(defaults, dict) or not hasattr(mod, "_update_count"):
+                continue
+            for attr in defaults:
+                value = getattr(mod, attr)
+                if isinstance(value, Tensor):
+                    self._tensors.append([mod, attr, value.detach().clone(), value, _version(value)])
+                else:
+                    self._others.append((mod, attr, _clone_state(value), not isinstance(value, _IMMUTABLE)))
+            for attr in _METRIC_ATTRS:
+                if hasattr(mod, attr):  # saved by reference, as metrics_preserved does
+                    self._others.append((mod, attr, getattr(mod, attr), False))
+
+    def restore(self) -> None:
+        for entry in self._tensors:
+            mod, attr, saved, installed, version = entry
+            current = mod.__dict__.get(attr, _MISSING)
+            if current is installed and version is not None and _version(current) == version:
+                continue  # the same tensor, not written since: still the saved value
+            fresh = saved.clone()
+            _set_attr(mod, attr, fresh)
+            entry[3], entry[4] = fresh, _version(fresh)
+        for mod, attr, value, fresh in self._others:
+            _set_attr(mod, attr, _clone_state(value) if fresh else value)
+
+
+_IMMUTABLE = (int, float, bool, str, bytes, type(None))
+_MISSING = object()
+
+
+def _version(t: Tensor) -> int | None:
+    """The version counter of ``t`` (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
+def _set_attr(mod: nn.Module, attr: str, value: Any) -> None:
+    # An attribute already in __dict__ is neither parameter, buffer nor submodule: setattr
+    # would store it there after Module.__setattr__'s checks (a few µs each, several per
+    # metric, at every evaluation).
+    if attr in mod.__dict__:
+        mod.__dict__[attr] = value
+    else:
+        setattr(mod, attr, value)

@@ -55,6 +55,16 @@ PREFIX = "landscape/"
 Method = Literal["loop", "batched"]
 
 
+def run_label(trainer: pl.Trainer) -> str:
+    """The run's name for the figure's legend: the logger's version when it is a name (a sweep
+    run: ``norm=batch_norm,seed=0``), else ``<Module> version_<n>``."""
+    module = type(trainer.lightning_module).__name__
+    version = getattr(trainer.logger, "version", None) if trainer.logger is not None else None
+    if isinstance(version, str) and version:
+        return version
+    return f"{module} version_{version}" if isinstance(version, int) else module
+
+
 class LandscapeCallback(MeasurementCallback):
     """Santurkar et al. (2018) Fig. 4 measurements for any LightningModule.
 
@@ -190,7 +200,10 @@ class LandscapeCallback(MeasurementCallback):
         moved = {n: params_t[n] for n in grads_t}
         frozen = {n: p for n, p in params_t.items() if n not in grads_t}  # W_t for what g_t does not move
         swapped = _Swapped(moved, ctx._named(), ctx._modules())  # the module lists the core keeps per step
-        with ctx.evaluation(frozen or None, wrt=None) as core_loss, swapped:
+        # The loop differentiates every eta's loss before the next: the core may guard the
+        # module's buffers and metrics once per measurement instead of once per eta.
+        sequential = self._method_in_use == "loop"
+        with ctx.evaluation(frozen or None, wrt=None, sequential=sequential) as core_loss, swapped:
             result = self._evaluate(pl_module, core_loss, swapped, moved, grads_t, etas, ctx)
         values = {self.key(k): torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
         if self.log_each_step_size:
@@ -250,8 +263,7 @@ class LandscapeCallback(MeasurementCallback):
         # Only rank 0 writes, and only to TensorBoard: skip drawing where it would be thrown away.
         if trainer is None or not trainer.is_global_zero or tensorboard_writer(trainer) is None:
             return
-        label = type(trainer.lightning_module).__name__
-        self.log_figure(trainer, self.key("figure"), plot_landscape({label: self.history}), step)
+        self.log_figure(trainer, self.key("figure"), plot_landscape({run_label(trainer): self.history}), step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = self.history["loss_min"][0][-1] if self.history["loss_min"][0] else None

@@ -266,9 +266,12 @@ class _Packed:
             self.p = _flatten_dense_tensors(self._parts(p))
             self.g = _flatten_dense_tensors(self._parts(g))
             self.w = torch.empty_like(self.p)
-            self.grad = torch.empty_like(self.p)
-            views = _unflatten_dense_tensors(self.w, [p[e] if isinstance(e, int) else e for e in self._layout])
+            self.grad = torch.zeros_like(self.p)  # the padding stays zero: only the views are written
+            shapes = [p[e] if isinstance(e, int) else e for e in self._layout]
+            views = _unflatten_dense_tensors(self.w, shapes)
+            grad_views = _unflatten_dense_tensors(self.grad, shapes)
         self.w_views = [v for v, e in zip(views, self._layout) if isinstance(e, int)]
+        self._grad_views = [v for v, e in zip(grad_views, self._layout) if isinstance(e, int)]
 
     def _parts(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
         parts = []
@@ -282,7 +285,14 @@ class _Packed:
         return parts
 
     def pack(self, grads: Sequence[Tensor | None]) -> Tensor:
-        return torch.cat(self._parts(grads), out=self.grad)
+        parts = [grads[i] for i in self.idx]
+        if any(g is None for g in parts):
+            return torch.cat(self._parts(grads), out=self.grad)
+        # One fused copy into the tensors' views of the buffer: the bits torch.cat writes,
+        # without a reshape and a list entry per tensor at every eta.
+        with torch.no_grad():
+            torch._foreach_copy_(self._grad_views, parts)
+        return self.grad
 
 
 def _reduced_flat(reduce: Callable[[Tensor], Tensor], loss: Tensor, flat: list[Tensor]) -> tuple[Tensor, list[Tensor]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 from typing import Any
@@ -449,3 +450,70 @@ def test_two_instances_without_distinct_suffixes_are_refused():
 def test_key_suffix_is_checked_at_once(suffix):
     with pytest.raises(ValueError, match=r"^LandscapeCallback: key_suffix must be '' or _-separated words"):
         LandscapeCallback(key_suffix=suffix)
+
+
+def test_sequential_calls_see_the_original_state_and_restore_it_also_on_errors():
+    """The per-measurement guards of the loop: every call sees the buffers and metric states of
+    the start (BN in train mode updates its running statistics, the metric is updated, a buffer
+    replaced), the originals are back between calls, and after a call that raised or gave nan."""
+    import torchmetrics
+
+    from callbacks.guards import SequentialCalls
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    net.register_buffer("counter", torch.zeros(()))
+    metric = torchmetrics.MeanMetric()  # not in net: nn.Sequential would run it as a layer
+    metric.update(torch.tensor(2.0))
+    bn = net[1]
+    originals = {n: b for n, b in net.named_buffers()}
+    bits = {n: b.clone() for n, b in originals.items()}
+    metric_before = (metric.mean_value.clone(), metric.weight.clone(), metric._update_count)
+    calls = SequentialCalls(list(net.modules()), [metric])
+    x = torch.randn(8, 3)
+    for i, how in enumerate(["ok", "raise", "nan", "ok"]):
+        with torch.enable_grad(), pytest.raises(RuntimeError) if how == "raise" else contextlib.nullcontext():
+            with calls.call():
+                assert torch.equal(bn.running_mean, bits["1.running_mean"])
+                assert bn.running_mean is not originals["1.running_mean"]
+                assert torch.equal(net.counter, bits["counter"]) and metric._update_count == metric_before[2]
+                assert torch.equal(metric.mean_value, metric_before[0])
+                out = net(x if how != "nan" else x * float("nan")).sum()
+                net.counter = net.counter + 1  # replaced, not written in place
+                torch.autograd.grad(out, list(net.parameters()))
+                metric.update(out.detach())
+                if how == "raise":
+                    raise RuntimeError("a step size failed")
+        for n, b in net.named_buffers():
+            assert b is originals[n] and torch.equal(b, bits[n]), (i, n)
+        assert torch.equal(metric.mean_value, metric_before[0]) and torch.equal(metric.weight, metric_before[1])
+        assert metric._update_count == metric_before[2]
+
+
+def test_fused_finiteness_check_agrees_with_the_per_tensor_check():
+    from callbacks.finite import non_finite_names
+
+    big = torch.full((4,), 3e38)  # finite, but its 1-norm overflows: the exact check decides
+    cases = [
+        ({"a": torch.randn(3), "b": torch.randn(2, 2)}, []),
+        ({"a": torch.randn(3), "b": torch.tensor([1.0, float("nan")])}, ["b"]),
+        ({"a": torch.tensor([float("-inf")]), "b": big}, ["a"]),
+        ({"a": big, "h": torch.ones(2, dtype=torch.float16)}, []),
+        ({"h": torch.tensor([float("inf")], dtype=torch.float16), "i": torch.ones(2, dtype=torch.int64)}, ["h"]),
+        ({"p": nn.Parameter(torch.randn(2))}, []),
+    ]
+    for tensors, bad in cases:
+        assert non_finite_names(tensors) == bad
+
+
+def test_the_tensorboard_figure_legend_names_the_run():
+    from types import SimpleNamespace
+
+    from callbacks.landscape import run_label
+
+    def trainer(version):
+        logger = None if version is False else SimpleNamespace(version=version)
+        return SimpleNamespace(lightning_module=TinyClassifier(), logger=logger)
+
+    assert run_label(trainer("norm=batch_norm,seed=0")) == "norm=batch_norm,seed=0"
+    assert run_label(trainer(3)) == "TinyClassifier version_3"
+    assert run_label(trainer(False)) == "TinyClassifier"

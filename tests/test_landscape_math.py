@@ -275,3 +275,24 @@ def test_loop_is_the_per_tensor_computation():
     assert torch.equal(out.losses, torch.stack(losses))
     torch.testing.assert_close(out.grad_diff_norms, torch.stack(diffs), rtol=1e-12, atol=0)
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) and model.c.weight is model.b.weight
+
+
+def test_packed_gradients_are_the_concatenation_also_with_unreached_parameters():
+    """pack_grads writes every gradient into its view of the reused buffer (one fused copy);
+    a None gradient (a parameter the loss does not reach) takes the concatenation path. Both
+    give the padded concatenation bit for bit, at every call."""
+    from callbacks.landscape_math import _MovedParams
+
+    torch.manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 3)]
+    p = {f"p{i}": torch.randn(s) for i, s in enumerate(shapes)}
+    g = {n: torch.randn_like(t) for n, t in p.items()}
+    moved = _MovedParams(p, g)
+    (packed,) = moved._buffers
+    for grads in ([torch.randn(s) for s in shapes], [torch.randn(shapes[0]), None, torch.randn(shapes[2])]):
+        for _ in range(2):
+            (flat,) = moved.pack_grads(grads)
+            parts = [torch.zeros(t.numel()) if gr is None else gr.reshape(-1) for gr, t in zip(grads, p.values())]
+            for part, view in zip(parts, packed._grad_views):
+                assert torch.equal(view.reshape(-1), part)
+            assert float(flat.abs().sum()) == pytest.approx(float(sum(q.abs().sum() for q in parts)), rel=1e-6)
