@@ -12,7 +12,9 @@ itself) and ``recompute`` (statistics re-estimated at each point; loss-landscape
 Metric that does it with the same function, since it has no such option).
 
     .venv/bin/pip install -e '.[bench]'
-    .venv/bin/python benchmarks/surface_vs_loss_landscapes.py [--steps 12] [--repeats 3]
+    .venv/bin/python benchmarks/surface_vs_loss_landscapes.py [--steps 12] [--repeats 3] [--threads 1] [--only VGG]
+
+On a shared machine pass ``--threads 1``: both tools then run on one core each turn.
 """
 
 from __future__ import annotations
@@ -97,7 +99,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="loss-landscapes steps per axis (steps^2 points)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's); 1 on a shared machine")
+    parser.add_argument("--only", help="run only the cases whose name contains this, e.g. VGG")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(2 * args.samples, 3, 32, 32, generator=g)
     labels = torch.randint(0, 10, (args.samples,), generator=g)
@@ -117,6 +123,8 @@ def main() -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, sample {args.samples}, best of {args.repeats}"
     )
     for name, model, x, stats in cases:
+        if args.only and args.only not in name:
+            continue
         for bn in ("running", "recompute"):
             if bn == "recompute" and "none" in name:
                 continue

@@ -197,3 +197,34 @@ def test_invalid_arguments_are_refused_with_one_line():
             loss_surface(model, dm, **kwargs)
         assert "\n" not in str(err.value)
     assert math.isfinite(float(loss_surface(model, dm, resolution=2, num_samples=8).values["train_loss"][0, 0]))
+
+
+@pytest.mark.parametrize("budget", [2**26, 0])
+def test_loop_with_the_input_layer_from_three_products_is_brute_force(budget, monkeypatch):
+    """A 256-wide input layer behind nn.Flatten (a view of the batch): its output is computed
+    from 3 products per batch (or, over the memory budget, directly); biases move too."""
+    from lightning_bn.surface import evaluate as surface_evaluate
+
+    monkeypatch.setattr(surface_evaluate.FirstLayerCache.__init__, "__defaults__", (budget,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(256, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    g = torch.Generator().manual_seed(2)
+    train = [(torch.randn(12, 4, 64, generator=g), torch.randint(0, 3, (12,), generator=g)) for _ in range(2)]
+    stats = [(torch.randn(10, 4, 64, generator=g), None)]
+    d1, d2 = random_directions(model, seed=3, include_bn_and_bias=True)
+    assert d1["1.bias"].abs().sum() > 0
+    coords = grid_coordinates([-1.0, 0.5], [0.25, 1.0])
+    made = []
+    real_init = surface_evaluate.FirstLayerCache.__init__
+
+    def spy(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(surface_evaluate.FirstLayerCache, "__init__", spy)
+    got = evaluate_points(model, d1, d2, coords, train, stats, method="loop")
+    assert len([k for k, v in made[0].parts.items() if v is not None]) == (3 if budget else 0)  # 2 train + 1 BN batch
+    for k, (a, b) in enumerate(coords.tolist()):
+        point = moved(model, d1, d2, a, b)
+        set_statistics_by_hand(point, stats)
+        assert got[k].tolist() == pytest.approx(list(evaluate(point, train, torch.device("cpu"))), rel=1e-5, abs=1e-6)

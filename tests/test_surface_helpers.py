@@ -1,5 +1,5 @@
 """Shared by the test_surface* files (no tests here): a 32x32 VGG on random images, and an
-MLP with BatchNorm1d on Gaussian inputs (no conv, so the vmap path runs by default)."""
+MLP with BatchNorm1d on Gaussian inputs (no conv)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_bn.errors import ConfigError
-from lightning_bn.report import curves, distributions, grids, keskar
+from lightning_bn.report import curves, distributions, grids, keskar, surfaces
 from lightning_bn.report.markdown import section
 from lightning_bn.report.runs import Experiment, discover
 from lightning_bn.report.style import ReportFigure, save
@@ -26,6 +26,7 @@ FIGURE_MAKERS: Sequence[Callable[[Experiment], ReportFigure | list[ReportFigure]
     curves.activation_figure,
     curves.norm_gradient_figure,
     distributions.distribution_figures,
+    surfaces.surface_figures,
     grids.heatmap_figure,
     grids.stable_lr_figure,
     grids.accuracy_vs_batch_size_figure,
@@ -41,6 +42,8 @@ TITLES = {
     "activations": "Activation statistics (norm inputs)",
     "activations_output": "Activation statistics (norm outputs)",
     "norm_gradient": "Gradient through the normalization layers (Lemma 4.1)",
+    "surface": "2-D loss surface (Li et al. 2018)",
+    "surface_trajectory": "Optimization trajectory on its PCA plane (Li et al. 2018)",
     "heatmap": "Accuracy over batch size and learning rate",
     "stable_lr_range": "Learning rates that train, per batch size",
     "accuracy_vs_batch_size": "Accuracy vs batch size",

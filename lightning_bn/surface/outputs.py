@@ -8,6 +8,7 @@ W + a d1 + b d2 and check any row of the CSV by hand.
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -36,6 +37,36 @@ def save_directions(surface: Surface, path: str | Path) -> Path:
     torch.save(payload, tmp)
     os.replace(tmp, path)
     return path
+
+
+def read_outputs(directory: str | Path) -> Surface:
+    """The :class:`Surface` saved in ``directory`` by :func:`write_outputs` (its CSV and
+    ``directions.pt``), e.g. to draw several runs' surfaces in one figure."""
+    directory = Path(directory)
+    saved = torch.load(directory / "directions.pt", map_location="cpu", weights_only=True)
+    with open(directory / "surface.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    a, b = list(saved["a"]), list(saved["b"])
+    if len(rows) != len(a) * len(b):
+        raise ValueError(f"{directory}: surface.csv has {len(rows)} rows, directions.pt a {len(a)} x {len(b)} grid")
+    columns = [c for c in rows[0] if c not in ("a", "b")] if rows else []
+    values = {c: torch.tensor([float(r[c]) for r in rows], dtype=torch.float64).view(len(a), len(b)) for c in columns}
+    path = saved.get("path")
+    variance = saved.get("explained_variance")
+    known = {"d1", "d2", "mode", "bn", "samples", "a", "b", "explained_variance", "path"}
+    return Surface(
+        a,
+        b,
+        values,
+        saved["d1"],
+        saved["d2"],
+        saved["bn"],
+        saved["mode"],
+        dict(saved.get("samples", {})),
+        explained_variance=None if variance is None else tuple(variance),
+        path=None if path is None else torch.as_tensor(path, dtype=torch.float64),
+        meta={k: v for k, v in saved.items() if k not in known},
+    )
 
 
 def write_outputs(surface: Surface, out: str | Path, title: str | None = None, tensorboard: str | None = None):

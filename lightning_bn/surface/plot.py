@@ -27,8 +27,13 @@ def _tick_format(ticks: np.ndarray) -> str:
     return "%.6g"
 
 
-def _levels(z: np.ndarray, count: int = 24) -> np.ndarray:
-    finite = z[np.isfinite(z)]
+def shared_levels(arrays, count: int = 24) -> np.ndarray:
+    """``count`` contour levels spaced evenly in log(z - min + 1e-3 x range) over the finite
+    values of all ``arrays`` together: panels drawn with them share one colour scale."""
+    finite = np.concatenate([np.asarray(z, dtype=float).ravel() for z in arrays])
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return np.array([0.0, 1e-12])
     low, high = float(finite.min()), float(finite.max())
     if high <= low:
         return np.array([low, low + 1e-12])
@@ -43,32 +48,53 @@ def _axis_labels(surface: Surface) -> tuple[str, str]:
     return ("a  (along d1, filter-normalized)", "b  (along d2, filter-normalized)")
 
 
-def contour_figure(surface: Surface, column: str = "train_loss", title: str | None = None):
-    """Filled contours of ``column`` over (a, b); the path (trajectory mode) drawn on top."""
+def draw_contour(ax, surface: Surface, levels: np.ndarray, column: str = "train_loss", legend: bool = True):
+    """Filled contours of ``column`` at ``levels`` on ``ax``, the path (trajectory mode) or the
+    centre on top, axis labels; returns the filled contour set (for a colour bar)."""
     from matplotlib.colors import BoundaryNorm
-    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     z = surface.values[column].numpy().T  # rows = b, columns = a, as contourf expects
-    levels = _levels(z)
-    fig = Figure(figsize=(5.6, 4.8))
-    ax = fig.add_subplot()
     norm = BoundaryNorm(levels, 256, extend="max")
     filled = ax.contourf(surface.a, surface.b, z, levels=levels, cmap="viridis", norm=norm, extend="max")
     ax.contour(surface.a, surface.b, z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
-    fig.colorbar(
-        filled, ax=ax, label=column.replace("_", " "), format=_tick_format(levels[::4]), ticks=levels[::4]
-    )  # log-spaced: fewer labels
     if surface.path is not None:
         path = surface.path.numpy()
         ax.plot(path[:, 0], path[:, 1], "o-", color="red", ms=3, lw=1.2, label="checkpoints")
         ax.plot(path[0, 0], path[0, 1], "s", color="white", mec="red", ms=6, label="first")
         ax.plot(path[-1, 0], path[-1, 1], "*", color="red", ms=11, label="final (origin)")
-        ax.legend(fontsize=7, loc="best")
+        if legend:
+            ax.legend(fontsize=7, loc="best")
     else:
         ax.plot(0, 0, "*", color="red", ms=10)
+    # matplotlib's default 9-10 ticks with 2-3 decimals ran into each other on a 5-inch
+    # panel ("-1.00-0.75-0.50"): at most 5 intervals, at round steps (-1, -0.5, 0, 0.5, 1)
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(5, steps=[1, 2, 2.5, 5, 10]))
+    ax.tick_params(labelsize=7)
     xlabel, ylabel = _axis_labels(surface)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel(ylabel, fontsize=8)
+    return filled
+
+
+def add_colorbar(fig, filled, ax, levels: np.ndarray, column: str = "train_loss"):
+    """A colour bar labelled at every 4th level (log-spaced levels: all of them would overlap)."""
+    ticks = levels[::4]
+    bar = fig.colorbar(filled, ax=ax, label=column.replace("_", " "), format=_tick_format(ticks), ticks=ticks)
+    bar.ax.tick_params(labelsize=7)
+    return bar
+
+
+def contour_figure(surface: Surface, column: str = "train_loss", title: str | None = None):
+    """Filled contours of ``column`` over (a, b); the path (trajectory mode) drawn on top."""
+    from matplotlib.figure import Figure
+
+    levels = shared_levels([surface.values[column].numpy()])
+    fig = Figure(figsize=(5.6, 4.8))
+    ax = fig.add_subplot()
+    filled = draw_contour(ax, surface, levels, column)
+    add_colorbar(fig, filled, ax, levels, column)
     heading = (title + "\n") if title else ""
     fig.suptitle(f"{heading}{column.replace('_', ' ')}; {surface.bn_label()}", fontsize=8)
     fig.tight_layout()
