@@ -107,6 +107,15 @@ def user_stacklevel() -> int:
     return level
 
 
+@contextlib.contextmanager
+def _restored_after(state: RNGState) -> Any:
+    """:func:`~callbacks.rng.preserved_rng` with the live state already captured (``state``)."""
+    try:
+        yield
+    finally:
+        state.restore()
+
+
 def _loss_of(outputs: Any) -> Tensor | None:
     """The training loss in what ``on_train_batch_end`` received (None if there is none)."""
     try:
@@ -419,7 +428,10 @@ class MeasurementCallback(pl.Callback):
         self._measure_and_write(trainer, pl_module, ctx)
 
     def _measure_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> None:
-        if RNGState.capture().host_same_as(ctx.rng):
+        # One capture of the live streams serves both the comparison and the restore after the
+        # measurement (NumPy's get_state is the costly call; nothing in between draws).
+        live = RNGState.capture()
+        if live.host_same_as(ctx.rng):
             # The training step drew nothing from NumPy/Python: replaying them is a no-op,
             # skip it (the measurement boundary below still restores every stream).
             ctx.rng = ctx.rng.torch_only()
@@ -428,7 +440,7 @@ class MeasurementCallback(pl.Callback):
         values: Mapping[str, float | Tensor] | None = None
         cause = self._finite_cause(pl_module, ctx)
         if cause is None:
-            with preserved_rng(), measuring():
+            with _restored_after(live), measuring():
                 try:
                     values = self.measure(trainer, pl_module, ctx)
                 except NonFiniteError as err:
@@ -463,10 +475,18 @@ class MeasurementCallback(pl.Callback):
             loss = all_reduce_mean(loss.detach().double())
         if loss is not None and not bool(torch.isfinite(loss)):
             return f"non-finite training loss ({float(loss):g})"
-        for label, tensors in (("parameters", ctx.named_live()), ("W_t", ctx.params_t), ("g_t", ctx.grads_t)):
-            bad = non_finite_names(tensors)
-            if bad:
-                return f"non-finite {label} ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+        # One fused check over all three (one host sync); the names of the first group that
+        # holds a non-finite tensor, as a check per group in this order would report.
+        merged = {
+            (label, name): t
+            for label, tensors in (("parameters", ctx.named_live()), ("W_t", ctx.params_t), ("g_t", ctx.grads_t))
+            for name, t in (tensors or {}).items()
+        }
+        bad = non_finite_names(merged)
+        if bad:
+            label = bad[0][0]
+            names = [name for group, name in bad if group == label]
+            return f"non-finite {label} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
         return None
 
     def _nan_values(self, pl_module: pl.LightningModule) -> dict[str, float]:

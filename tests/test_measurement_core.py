@@ -381,3 +381,56 @@ def test_histogram_stats_match_torch_histogram():
     assert stats["sum"] == 8.0 and stats["sum_squares"] == 22.0
     assert histogram_stats(torch.tensor([float("nan")])) is None
     assert histogram_stats(torch.ones(3), bins=2)["num"] == 3
+
+
+class _HostRandomClassifier(TinyClassifier):
+    """Scales its loss by draws from NumPy's and Python's global generators: in every training
+    step (``always``) or only while a measurement re-evaluates it."""
+
+    def __init__(self, always: bool, **kwargs):
+        super().__init__(norm="batch", **kwargs)
+        self.always = always
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        from callbacks.guards import is_measuring
+
+        if self.always or is_measuring():
+            import random
+
+            import numpy as np
+
+            loss = loss * (1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random())
+        return loss
+
+
+@pytest.mark.filterwarnings("error::callbacks.MeasurementWarning")
+@pytest.mark.parametrize("always", [True, False], ids=["training-draws", "only-measurement-draws"])
+def test_numpy_and_python_random_are_replayed_and_restored_exactly(always):
+    """With host draws in the training step the re-evaluation at W_t replays them (bit-identical
+    loss and g_t); either way the live NumPy/Python streams after a measured step are those of a
+    run without the callback (one capture of the live state serves the check and the restore)."""
+    import random
+
+    import numpy as np
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        model = _HostRandomClassifier(always)
+        make_trainer(max_steps=2, callbacks=callbacks, logger=RecordingLogger()).fit(model, classification_loader())
+        return model, np.random.get_state(), random.getstate()
+
+    cb = AtWt()
+    model, np_state, py_state = run([cb])
+    ref, np_ref, py_ref = run([])
+    assert len(cb.rows) == 2
+    if always:
+        for ctx, train_loss, loss, loss2, grads in cb.rows:
+            assert torch.equal(loss, train_loss) and torch.equal(loss2, train_loss)
+            for name, g in grads.items():
+                assert torch.equal(g, ctx.grads_t[name]), name
+    assert np_state[2:] == np_ref[2:] and np.array_equal(np_state[1], np_ref[1]) and py_state == py_ref
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
