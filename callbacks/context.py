@@ -51,7 +51,7 @@ from callbacks.guards import (
     noise_replayed,
     parameters_set_to,
 )
-from callbacks.rng import RNGState, replayed_rng
+from callbacks.rng import RNGState, preserved_rng, replayed_rng
 
 BNMode = Literal["train", "eval"]
 LossFn = Callable[..., Tensor]
@@ -140,7 +140,10 @@ class StepContext:
         ``sequential=True`` promises that the caller is done with the graph of each
         ``loss_fn()`` (differentiated or dropped) before calling it again: buffers and metric
         states are then guarded once for the block (:class:`~callbacks.guards.SequentialCalls`)
-        instead of once per call, with the same values at every call.
+        instead of once per call, with the same values at every call; the live RNG streams are
+        captured once and put back when the block ends (every call still starts from the
+        step's state, but between calls the streams hold what the last call left: draw
+        nothing there that must come from the live streams).
         """
         mode = self.bn_mode if bn_mode is None else bn_mode
         module, modules, named = self.pl_module, self._modules(), self._named()
@@ -154,7 +157,12 @@ class StepContext:
             stack.enter_context(logging_suppressed(module))
             stack.enter_context(torch.enable_grad() if names is None or names else torch.no_grad())
             outer = self._sequential  # a nested evaluation guards its own calls
-            guarded = SequentialCalls(self._modules("buffers"), self._modules("metrics")) if sequential else None
+            guarded = None
+            if sequential:
+                guarded = SequentialCalls(self._modules("buffers"), self._modules("metrics"))
+                # The live streams are put back once, at the end of the block; each call only
+                # replays the step's state (streams the step's state leaves alone stay alone).
+                stack.enter_context(preserved_rng(host=self.rng.numpy is not None))
             self._sequential = guarded
             try:
                 yield self._loss_fn
@@ -174,11 +182,13 @@ class StepContext:
         )
         # Accumulation sums the graphs of several calls before differentiating: not sequential.
         if self._sequential is not None and not self.accumulated:
-            buffers, metrics = self._sequential.call(), contextlib.nullcontext()
+            rng.restore()  # the sequential block restores the live streams at its end
+            randomness, buffers, metrics = contextlib.nullcontext(), self._sequential.call(), contextlib.nullcontext()
         else:
+            randomness = replayed_rng(rng)
             buffers = buffers_isolated(module, self._modules("buffers"))
             metrics = metrics_preserved(module, self._modules("metrics"))
-        with replayed_rng(rng), buffers, metrics, precision:
+        with randomness, buffers, metrics, precision:
             hook = getattr(module, "measurement_loss", None)
             out = hook(batch, batch_idx) if callable(hook) else self._training_step(batch, batch_idx)
         return extract_loss(out)

@@ -276,13 +276,16 @@ class _MetricStates:
         for entry in self._tensors:
             mod, attr, saved, installed, version = entry
             current = mod.__dict__.get(attr, _MISSING)
-            if current is installed and version is not None and _version(current) == version:
+            if current is installed and version is not None and current._version == version:
                 continue  # the same tensor, not written since: still the saved value
             fresh = saved.clone()
             _set_attr(mod, attr, fresh)
             entry[3], entry[4] = fresh, _version(fresh)
         for mod, attr, value, fresh in self._others:
-            _set_attr(mod, attr, _clone_state(value) if fresh else value)
+            if fresh:  # a mutable state (a list): it may have been changed in place
+                _set_attr(mod, attr, _clone_state(value))
+            elif mod.__dict__.get(attr, _MISSING) is not value:
+                _set_attr(mod, attr, value)
 
 
 _IMMUTABLE = (int, float, bool, str, bytes, type(None))

@@ -148,6 +148,8 @@ class LandscapeCallback(MeasurementCallback):
         self.history: dict[str, tuple[list[int], list[float]]] = {k: ([], []) for k in SUMMARY_KEYS}
         self._last_figure_step: int | None = None
         self._method_in_use: Method = method
+        #: a small model's loop buffers, kept from one measurement to the next (landscape_math)
+        self._workspace: dict[str, Any] = {}
 
     def state_key_fields(self) -> dict[str, Any]:
         fields = {**super().state_key_fields(), "step_sizes": self.step_sizes, "lr_multipliers": self.lr_multipliers}
@@ -246,7 +248,9 @@ class LandscapeCallback(MeasurementCallback):
             swapped.install(params)
             return core_loss()
 
-        return evaluate_along_gradient(loop_loss, moved, grads_t, etas, method="loop", **kwargs)
+        return evaluate_along_gradient(
+            loop_loss, moved, grads_t, etas, method="loop", workspace=self._workspace, **kwargs
+        )
 
     # -- figure ----------------------------------------------------------------------------
     def _record(self, trainer: pl.Trainer, step: int, values: Mapping[str, Tensor]) -> None:
@@ -264,6 +268,9 @@ class LandscapeCallback(MeasurementCallback):
         if trainer is None or not trainer.is_global_zero or tensorboard_writer(trainer) is None:
             return
         self.log_figure(trainer, self.key("figure"), plot_landscape({run_label(trainer): self.history}), step)
+
+    def teardown_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._workspace.clear()  # the kept buffers belong to this fit's model
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         last = self.history["loss_min"][0][-1] if self.history["loss_min"][0] else None

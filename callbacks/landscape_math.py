@@ -101,6 +101,7 @@ def evaluate_along_gradient(
     chunk_size: int | None = None,
     before_each: Callable[[], None] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    workspace: dict | None = None,
 ) -> AlongGradient:
     """Evaluate L(W(eta)) and ||grad L(W(eta)) - g|| for W(eta) = params - eta * grad.
 
@@ -118,9 +119,12 @@ def evaluate_along_gradient(
         before_each: called before every ``loss_fn`` evaluation (loop) or vmap call
             (batched), e.g. to restore the training step's RNG state so that dropout and
             noise see the same realization.
-        reduce: maps a tensor to its mean over data-parallel ranks (DDP); applied once per
-            loop step or vmap call to the losses and gradients at W(eta), flattened into one
-            tensor (one collective), before the difference to g is taken.
+        reduce: maps a tensor to its mean over data-parallel ranks (DDP); applied to the
+            losses and gradients at W(eta), flattened into one tensor (one collective), before
+            the difference to g is taken: once per measurement (``loop``, when the gradients of
+            all etas fit in :data:`ROWS_BYTES`; else once per eta) or per vmap call (``batched``).
+        workspace: a dict the caller keeps between measurements, in which ``loop`` keeps a
+            small model's buffers (see :meth:`_MovedParams.reused`); None: fresh buffers.
 
     Cost: exactly len(step_sizes) forward+backward passes.
     """
@@ -135,18 +139,18 @@ def evaluate_along_gradient(
     p = {n: _detached(params[n]) for n in names}
     g = {n: _detached(grad[n]) for n in names}
     bufs = {n: _detached(b) for n, b in (buffers or {}).items()}
-    run = _loop if method == "loop" else _batched
-    size = len(etas) if method == "loop" or chunk_size is None else chunk_size
-    losses, diffs = [], []
-    for start in range(0, len(etas), size):
-        chunk_losses, chunk_diffs = run(loss_fn, p, g, bufs, etas[start : start + size], before_each, reduce)
-        losses.append(chunk_losses)
-        diffs.append(chunk_diffs)
+    if method == "loop":
+        losses, diffs = _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace)
+    else:
+        size = len(etas) if chunk_size is None else chunk_size
+        starts = range(0, len(etas), size)
+        chunks = [_batched(loss_fn, p, g, bufs, etas[i : i + size], before_each, reduce) for i in starts]
+        losses, diffs = torch.cat([c[0] for c in chunks]), torch.cat([c[1] for c in chunks])
     device = next(iter(p.values())).device if p else torch.device("cpu")
     return AlongGradient(
         step_sizes=torch.tensor(etas, dtype=torch.float64, device=device),
-        losses=torch.cat(losses),
-        grad_diff_norms=torch.cat(diffs),
+        losses=losses,
+        grad_diff_norms=diffs,
         grad_norm=grad_norm(g).to(device),
     )
 
@@ -155,47 +159,59 @@ def _detached(t: Tensor) -> Tensor:
     return t.detach() if t.requires_grad or t.grad_fn is not None else t
 
 
-def _loop(loss_fn, p, g, bufs, etas, before_each, reduce) -> tuple[Tensor, Tensor]:
-    moved = _MovedParams(p, g)
+ROWS_BYTES = 32 * 2**20
+"""The loop keeps the gradients of all etas (one row each) when they take at most this many
+bytes, and differences, reduces (DDP) and norms them in one operation each at the end; a larger
+model's gradients are handled one eta at a time (one row). Rows cost memory, operations cost a
+fixed time each: on a small model the per-eta operations cost as much as its forward pass."""
+
+
+def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tuple[Tensor, Tensor]:
+    moved = _MovedParams.reused(workspace, p, g, len(etas))
     leaves = list(moved.params.values())
     losses, diffs = [], []
-    for eta in etas:
-        moved.move_to(eta)
-        if before_each is not None:
-            before_each()
-        with torch.enable_grad():
-            loss = loss_fn(moved.params, {n: b.clone() for n, b in bufs.items()})
-            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        flat = moved.pack_grads(grads)
-        del grads
-        loss = loss.detach().reshape(1)
-        if reduce is not None:
-            loss, flat = _reduced_flat(reduce, loss, flat)
-        losses.append(loss.double())
-        diffs.append(moved.diff_norm(flat))
+    for start in range(0, len(etas), moved.rows):
+        chunk = etas[start : start + moved.rows]
+        chunk_losses = []
+        for row, eta in enumerate(chunk):
+            moved.move_to(eta)
+            if before_each is not None:
+                before_each()
+            with torch.enable_grad():
+                loss = loss_fn(moved.params, {n: b.clone() for n, b in bufs.items()})
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            moved.store_grads(row, grads)
+            del grads
+            chunk_losses.append(loss.detach().reshape(1))
+        chunk_loss = torch.cat(chunk_losses) if len(chunk_losses) > 1 else chunk_losses[0]
+        if reduce is not None:  # one collective for the chunk's losses and gradients
+            chunk_loss = moved.reduce_rows(reduce, chunk_loss, len(chunk))
+        losses.append(chunk_loss.double())
+        diffs.append(moved.diff_norms(len(chunk)))
     return torch.cat(losses), torch.cat(diffs)
 
 
 class _MovedParams:
     """W(eta) = W_t - eta g_t for one eta after the other, written in place into one set of
-    leaf tensors (``params``: the same objects at every eta) that the loss closure receives.
+    leaf tensors (``params``: the same objects at every eta) that the loss closure receives,
+    and the gradients at W(eta) in ``rows`` rows (the loop's etas in chunks of ``rows``).
 
     Contiguous floating-point tensors of one dtype and device share one buffer, each at a
-    64-byte aligned offset; W_t, g_t and the gradient at W(eta) are packed the same way, into
-    buffers allocated once per measurement (four parameter-sized buffers with W(eta)). Moving
-    to the next eta is then one add per buffer instead of a fresh copy of every tensor, and
-    ||grad L(W(eta)) - g_t|| one concatenation, one subtraction and one norm per buffer instead
-    of five operations per tensor, with no parameter-sized temporary (on CPU each fresh one
-    costs page faults). Element by element it is the same ``torch.add(p, g, alpha=-eta)`` and
-    the same ``grad - g`` as per tensor, so W(eta), the losses and the differences are bit for
-    bit those of a per-tensor computation; only the float64 sum of squares runs in another
-    order. Other tensors (e.g. channels_last weights) keep a leaf of their own layout, so
-    kernels see training's layout.
+    64-byte aligned offset; W_t, g_t, W(eta) and the gradients are packed the same way, into
+    buffers allocated once per measurement (or kept between measurements, :meth:`reused`).
+    Moving to the next eta is then one add per buffer instead of a fresh copy of every tensor,
+    a gradient one fused copy into its row, and ||grad L(W(eta)) - g_t|| for all rows one
+    subtraction and one norm per buffer instead of five operations per tensor and eta, with no
+    parameter-sized temporary (on CPU each fresh one costs page faults). Element by element it
+    is the same ``torch.add(p, g, alpha=-eta)`` and the same ``grad - g`` as per tensor, so
+    W(eta), the losses and the differences are bit for bit those of a per-tensor computation;
+    only the float64 sum of squares runs in another order. Other tensors (e.g. channels_last
+    weights) keep a leaf of their own layout, so kernels see training's layout.
     """
 
     _ALIGN_BYTES = 64
 
-    def __init__(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> None:
+    def __init__(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor], rows: int = 1) -> None:
         names = list(p)
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         self._single: list[int] = []
@@ -205,8 +221,12 @@ class _MovedParams:
                 groups.setdefault((p[n].dtype, p[n].device), []).append(i)
             else:
                 self._single.append(i)
+        self.rows = rows
+        self._key = _layout_key(p, g)
         self._p, self._g = [p[n] for n in names], [g[n] for n in names]
-        self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES) for idx in groups.values()]
+        self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES, rows) for idx in groups.values()]
+        #: per row, the other tensors' gradients (flattened), as the loop stores them
+        self._single_grads: list[list[Tensor]] = [[] for _ in range(rows)]
         leaves: list[Tensor | None] = [None] * len(names)
         with torch.no_grad():
             for b in self._buffers:
@@ -216,6 +236,33 @@ class _MovedParams:
                 dtype = torch.result_type(self._p[i], self._g[i])
                 leaves[i] = torch.empty_like(self._p[i], dtype=dtype).requires_grad_(True)
         self.params: dict[str, Tensor] = dict(zip(names, leaves))
+
+    @classmethod
+    def reused(
+        cls, workspace: dict | None, p: Mapping[str, Tensor], g: Mapping[str, Tensor], num_etas: int
+    ) -> _MovedParams:
+        """The buffers for ``p``, ``g`` and ``num_etas`` step sizes: one row per eta if their
+        gradients fit in :data:`ROWS_BYTES`, else one row. A small model's buffers are kept in
+        ``workspace`` (a dict the caller keeps between measurements) and refilled with ``p``
+        and ``g`` at the next measurement of the same layout: allocating and packing them
+        costs as much as a forward pass there. Larger models allocate them per measurement,
+        so that training does not carry them between measurements."""
+        nbytes = sum(t.numel() * t.element_size() for t in g.values())
+        rows = num_etas if num_etas * nbytes <= ROWS_BYTES else 1
+        if workspace is None or rows == 1:
+            return cls(p, g, rows)
+        moved = workspace.get("moved")
+        if moved is not None and moved.rows == rows and moved._key == _layout_key(p, g):
+            moved._refill(p, g)
+            return moved
+        workspace["moved"] = moved = cls(p, g, rows)
+        return moved
+
+    def _refill(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> None:
+        self._p, self._g = list(p.values()), list(g.values())
+        with torch.no_grad():
+            for b in self._buffers:
+                b.refill(self._p, self._g)
 
     def move_to(self, eta: float) -> None:
         """Set ``params`` to W_t - eta g_t (in place, outside autograd)."""
@@ -227,81 +274,98 @@ class _MovedParams:
                 for i in self._single:
                     torch.add(self._p[i], self._g[i], alpha=-eta, out=leaves[i])
 
-    def pack_grads(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
-        """Gradients (one per tensor of ``params``; None: zeros) as 1-D tensors: one per
-        buffer, packed like g_t (the buffer is reused at the next eta), then one per other
-        tensor."""
-        out = [b.pack(grads) for b in self._buffers]
-        for i in self._single:
-            out.append(torch.zeros_like(self._p[i]).reshape(-1) if grads[i] is None else grads[i].reshape(-1))
-        return out
+    def store_grads(self, row: int, grads: Sequence[Tensor | None]) -> None:
+        """Keep the gradients (one per tensor of ``params``; None: zeros) in row ``row``."""
+        for b in self._buffers:
+            b.pack(row, grads)
+        self._single_grads[row] = [
+            torch.zeros_like(self._p[i]).reshape(-1) if grads[i] is None else grads[i].reshape(-1)
+            for i in self._single
+        ]
 
-    def diff_norm(self, flat: list[Tensor]) -> Tensor:
-        """||grad - g_t||_2, shape (1,), of gradients packed by :meth:`pack_grads` (which it
-        overwrites with the difference): the difference in the tensors' dtype, its squares
-        summed in float64."""
-        norms = [torch.linalg.vector_norm(f.sub_(b.g), dtype=torch.float64) for f, b in zip(flat, self._buffers)]
-        for i, f in zip(self._single, flat[len(self._buffers) :]):
-            norms.append(torch.linalg.vector_norm(f - self._g[i].reshape(-1), dtype=torch.float64))
+    def reduce_rows(self, reduce: Callable[[Tensor], Tensor], losses: Tensor, k: int) -> Tensor:
+        """Replace rows ``0..k-1`` and ``losses`` (k,) by their ``reduce`` (mean over ranks), in
+        one collective; returns the reduced losses."""
+        singles = [torch.stack([self._single_grads[r][j] for r in range(k)]) for j in range(len(self._single))]
+        stored = [b.grads[:k] for b in self._buffers] + singles
+        losses, reduced = _reduced(reduce, losses, stored)
+        with torch.no_grad():
+            for b, value in zip(self._buffers, reduced):
+                b.grads[:k].copy_(value)
+        for j, value in enumerate(reduced[len(self._buffers) :]):
+            for r in range(k):
+                self._single_grads[r][j] = value[r]
+        return losses
+
+    def diff_norms(self, k: int) -> Tensor:
+        """||grad - g_t||_2 of rows ``0..k-1``, shape (k,) (the rows are overwritten with the
+        difference): the difference in the tensors' dtype, its squares summed in float64."""
+        norms = [
+            torch.linalg.vector_norm(b.grads[:k].sub_(b.g), dim=1, dtype=torch.float64) for b in self._buffers
+        ]
+        for j, i in enumerate(self._single):
+            stacked = torch.stack([self._single_grads[r][j] for r in range(k)])
+            norms.append(torch.linalg.vector_norm(stacked - self._g[i].reshape(1, -1), dim=1, dtype=torch.float64))
         if len(norms) == 1:
-            return norms[0].reshape(1)
-        return torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
+            return norms[0]
+        return torch.linalg.vector_norm(torch.stack(norms, dim=1), dim=1)
+
+
+def _layout_key(p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> tuple:
+    """What the buffers of :class:`_MovedParams` depend on: names, shapes, strides, dtypes, devices."""
+    return tuple(
+        (n, p[n].shape, p[n].stride(), p[n].dtype, p[n].device, g[n].shape, g[n].stride(), g[n].dtype, g[n].device)
+        for n in p
+    )
 
 
 class _Packed:
     """Tensors ``idx`` (of one dtype and device) of W_t and g_t packed into 1-D buffers
     ``p`` and ``g``, each tensor at an ``align_bytes`` aligned offset (zeros between), with a
-    buffer ``w`` for W(eta) (``w_views``: the tensors' views into it) and one for gradients."""
+    buffer ``w`` for W(eta) (``w_views``: the tensors' views into it) and ``rows`` rows of
+    ``grads`` for gradients."""
 
-    def __init__(self, idx: list[int], p: Sequence[Tensor], g: Sequence[Tensor], align_bytes: int) -> None:
+    def __init__(self, idx: list[int], p: Sequence[Tensor], g: Sequence[Tensor], align_bytes: int, rows: int) -> None:
         self.idx = idx
         align = max(1, align_bytes // p[idx[0]].dtype.itemsize)
         zeros = torch.zeros(align, dtype=p[idx[0]].dtype, device=p[idx[0]].device)
         #: per part: a tensor index, or the zeros that pad the tensor before
-        self._layout: list[int | Tensor] = []
+        layout: list[int | Tensor] = []
         for i in idx:
             pad = -p[i].numel() % align
-            self._layout += [i, zeros[:pad]] if pad else [i]
+            layout += [i, zeros[:pad]] if pad else [i]
         with torch.no_grad():
-            self.p = _flatten_dense_tensors(self._parts(p))
-            self.g = _flatten_dense_tensors(self._parts(g))
+            parts = [p[e].reshape(-1) if isinstance(e, int) else e for e in layout]
+            self.p = _flatten_dense_tensors(parts)
+            self.g = _flatten_dense_tensors([g[e].reshape(-1) if isinstance(e, int) else e for e in layout])
             self.w = torch.empty_like(self.p)
-            self.grad = torch.zeros_like(self.p)  # the padding stays zero: only the views are written
-            shapes = [p[e] if isinstance(e, int) else e for e in self._layout]
-            views = _unflatten_dense_tensors(self.w, shapes)
-            grad_views = _unflatten_dense_tensors(self.grad, shapes)
-        self.w_views = [v for v, e in zip(views, self._layout) if isinstance(e, int)]
-        self._grad_views = [v for v, e in zip(grad_views, self._layout) if isinstance(e, int)]
+            self.grads = torch.zeros(rows, self.p.numel(), dtype=self.p.dtype, device=self.p.device)  # padding stays 0
+        shapes = [p[e] if isinstance(e, int) else e for e in layout]
+        keep = [isinstance(e, int) for e in layout]
 
-    def _parts(self, tensors: Sequence[Tensor | None]) -> list[Tensor]:
-        parts = []
-        for e in self._layout:
-            if not isinstance(e, int):
-                parts.append(e)
-            elif tensors[e] is None:  # a parameter the loss does not reach: zero gradient
-                parts.append(self.p.new_zeros(self.w_views[self.idx.index(e)].numel()))
-            else:
-                parts.append(tensors[e].reshape(-1))
-        return parts
+        def views(flat: Tensor) -> list[Tensor]:
+            return [v for v, k in zip(_unflatten_dense_tensors(flat, shapes), keep) if k]
 
-    def pack(self, grads: Sequence[Tensor | None]) -> Tensor:
-        parts = [grads[i] for i in self.idx]
-        if any(g is None for g in parts):
-            return torch.cat(self._parts(grads), out=self.grad)
-        # One fused copy into the tensors' views of the buffer: the bits torch.cat writes,
-        # without a reshape and a list entry per tensor at every eta.
+        self.w_views, self._p_views, self._g_views = views(self.w), views(self.p), views(self.g)
+        self._grad_views = [views(self.grads[r]) for r in range(rows)]
+
+    def refill(self, p: Sequence[Tensor], g: Sequence[Tensor]) -> None:
+        """Copy new W_t and g_t (same layout) into ``p`` and ``g``."""
+        torch._foreach_copy_(self._p_views + self._g_views, [p[i] for i in self.idx] + [g[i] for i in self.idx])
+
+    def pack(self, row: int, grads: Sequence[Tensor | None]) -> None:
+        """Write the gradients of this buffer's tensors into row ``row`` (None: zeros): the bits
+        of their padded concatenation, in one fused copy."""
+        views, parts = self._grad_views[row], [grads[i] for i in self.idx]
         with torch.no_grad():
-            torch._foreach_copy_(self._grad_views, parts)
-        return self.grad
-
-
-def _reduced_flat(reduce: Callable[[Tensor], Tensor], loss: Tensor, flat: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-    """:func:`_reduced` for one loss (1,) and gradients packed by :meth:`_MovedParams.pack_grads`:
-    one collective, in the promoted dtype of all of them, shape (1, 1 + numel)."""
-    dtype = functools.reduce(torch.promote_types, [f.dtype for f in flat], loss.dtype)
-    out = reduce(torch.cat([loss.reshape(1).to(dtype)] + [f.to(dtype) for f in flat]).reshape(1, -1)).reshape(-1)
-    parts = out.split([1] + [f.numel() for f in flat])
-    return parts[0].to(loss.dtype), [q.to(f.dtype) for q, f in zip(parts[1:], flat)]
+            if any(t is None for t in parts):  # a parameter the loss does not reach: zero gradient
+                for view, t in zip(views, parts):
+                    if t is None:
+                        view.zero_()
+                views = [v for v, t in zip(views, parts) if t is not None]
+                parts = [t for t in parts if t is not None]
+            if parts:
+                torch._foreach_copy_(views, parts)
 
 
 def _batched(loss_fn, p, g, bufs, etas, before_each, reduce) -> tuple[Tensor, Tensor]:

@@ -71,9 +71,10 @@ class RNGState:
 
 
 @contextmanager
-def preserved_rng() -> Iterator[None]:
-    """Whatever runs inside (measurement code included), the live RNG state is unchanged after."""
-    live = RNGState.capture()
+def preserved_rng(host: bool = True) -> Iterator[None]:
+    """Whatever runs inside (measurement code included), the live RNG state is unchanged after
+    (``host=False``: the torch streams only)."""
+    live = RNGState.capture(host=host)
     try:
         yield
     finally:

@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from callbacks import landscape_math
 from callbacks.landscape_math import (
     DEFAULT_LR_MULTIPLIERS,
     SUMMARY_KEYS,
@@ -147,8 +148,11 @@ def test_mlp_matches_brute_force_on_copies(method, chunk):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_reduce_gives_the_global_batch_values():
-    """Two simulated data-parallel ranks with a mean loss: the mean over ranks is the full-batch value."""
+@pytest.mark.parametrize("rows_bytes", [landscape_math.ROWS_BYTES, 0])
+def test_reduce_gives_the_global_batch_values(rows_bytes, monkeypatch):
+    """Two simulated data-parallel ranks with a mean loss: the mean over ranks is the full-batch
+    value, with every eta's gradients kept (one collective) or one eta at a time (rows_bytes=0)."""
+    monkeypatch.setattr(landscape_math, "ROWS_BYTES", rows_bytes)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
     x, y = _batch()
@@ -174,8 +178,9 @@ def test_reduce_gives_the_global_batch_values():
         )
         torch.testing.assert_close(rank0.losses, full.losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(rank0.grad_diff_norms, full.grad_diff_norms, rtol=1e-4, atol=1e-6)
-        # one collective per eta (loop) or per vmap call (batched)
-        assert len(sent) == (len(etas) if method == "loop" else 1)
+        # one collective per measurement (loop, gradients kept for all etas), per eta (loop,
+        # one at a time) or per vmap call (batched)
+        assert len(sent) == (len(etas) if method == "loop" and rows_bytes == 0 else 1)
 
 
 @pytest.mark.parametrize(("method", "chunk"), METHODS)
@@ -248,9 +253,12 @@ class _Awkward(nn.Module):
         return self.d(self.c(torch.tanh(self.b(self.a(h)))).double())
 
 
-def test_loop_is_the_per_tensor_computation():
+@pytest.mark.parametrize("rows_bytes", [landscape_math.ROWS_BYTES, 0])
+def test_loop_is_the_per_tensor_computation(rows_bytes, monkeypatch):
     """The loop moves all parameters with one add into reused buffers: the same bits as one
-    fresh torch.add(W_t, g_t, alpha=-eta) per tensor (losses exactly; norms sum in another order)."""
+    fresh torch.add(W_t, g_t, alpha=-eta) per tensor (losses exactly; norms sum in another order),
+    whether it keeps every eta's gradients in rows or handles one eta at a time."""
+    monkeypatch.setattr(landscape_math, "ROWS_BYTES", rows_bytes)
     torch.manual_seed(0)
     model, x, y = _Awkward(), torch.randn(6, 3, 5, 5), torch.randint(0, 3, (6,))
     named = dict(model.named_parameters())
@@ -278,21 +286,50 @@ def test_loop_is_the_per_tensor_computation():
 
 
 def test_packed_gradients_are_the_concatenation_also_with_unreached_parameters():
-    """pack_grads writes every gradient into its view of the reused buffer (one fused copy);
-    a None gradient (a parameter the loss does not reach) takes the concatenation path. Both
-    give the padded concatenation bit for bit, at every call."""
+    """store_grads writes every gradient into its view of its row (one fused copy); a None
+    gradient (a parameter the loss does not reach) is zeros. Both give the padded
+    concatenation bit for bit, in every row, at every call."""
     from callbacks.landscape_math import _MovedParams
 
     torch.manual_seed(0)
     shapes = [(3, 5), (7,), (2, 2, 3)]
     p = {f"p{i}": torch.randn(s) for i, s in enumerate(shapes)}
     g = {n: torch.randn_like(t) for n, t in p.items()}
-    moved = _MovedParams(p, g)
+    moved = _MovedParams(p, g, rows=2)
     (packed,) = moved._buffers
     for grads in ([torch.randn(s) for s in shapes], [torch.randn(shapes[0]), None, torch.randn(shapes[2])]):
-        for _ in range(2):
-            (flat,) = moved.pack_grads(grads)
+        for row in (0, 1, 1):
+            moved.store_grads(row, grads)
             parts = [torch.zeros(t.numel()) if gr is None else gr.reshape(-1) for gr, t in zip(grads, p.values())]
-            for part, view in zip(parts, packed._grad_views):
+            for part, view in zip(parts, packed._grad_views[row]):
                 assert torch.equal(view.reshape(-1), part)
+            flat = packed.grads[row]
             assert float(flat.abs().sum()) == pytest.approx(float(sum(q.abs().sum() for q in parts)), rel=1e-6)
+
+
+def test_workspace_keeps_a_small_models_buffers_with_the_values_of_fresh_ones():
+    """With a workspace the loop's buffers are made once and refilled with the next W_t and
+    g_t: the values equal a fresh computation bit for bit; another layout gets new buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = _batch()
+
+    def loss_fn(p, b):
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    workspace: dict = {}
+    etas = (0.1, 0.5, 2.0)
+    kept = []
+    for scale in (1.0, 3.0):  # two measurements at different W_t and g_t
+        params = {n: t.detach() * scale for n, t in model.named_parameters()}
+        g = {n: torch.randn_like(t) for n, t in params.items()}
+        fresh = evaluate_along_gradient(loss_fn, params, g, etas)
+        reused = evaluate_along_gradient(loss_fn, params, g, etas, workspace=workspace)
+        assert torch.equal(reused.losses, fresh.losses)
+        assert torch.equal(reused.grad_diff_norms, fresh.grad_diff_norms)
+        kept.append(workspace["moved"])
+    assert kept[0] is kept[1]
+    fewer = {n: t.detach() for n, t in list(model.named_parameters())[:2]}
+    other_g = {n: torch.randn_like(t) for n, t in fewer.items()}
+    evaluate_along_gradient(loss_fn, fewer, other_g, etas, workspace=workspace)
+    assert workspace["moved"] is not kept[0]
