@@ -32,6 +32,7 @@ How a loss is evaluated (the protocols every callback relies on):
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -215,10 +216,8 @@ class StepContext:
         return total
 
     def _training_step(self, batch: Any, batch_idx: int) -> Any:
-        if self._takes_batch_idx is None:  # as Lightning decides (training_step(batch) is allowed)
-            from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
-
-            self._takes_batch_idx = is_param_in_hook_signature(self.pl_module.training_step, "batch_idx", min_args=2)
+        if self._takes_batch_idx is None:
+            self._takes_batch_idx = takes_batch_idx(self.pl_module.training_step)
         if self._takes_batch_idx:
             return self.pl_module.training_step(batch, batch_idx)
         return self.pl_module.training_step(batch)
@@ -328,6 +327,25 @@ class StepContext:
         if isinstance(value, Mapping):
             return all_reduce_mean_dict(value)
         return all_reduce_mean(value)
+
+
+_TAKES_BATCH_IDX: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def takes_batch_idx(training_step: Callable[..., Any]) -> bool:
+    """Whether ``training_step`` takes ``batch_idx``, as Lightning decides (``training_step(batch)``
+    is allowed); remembered per function, since reading a signature costs more than a small
+    model's loss call."""
+    key = getattr(training_step, "__func__", training_step)
+    try:
+        return _TAKES_BATCH_IDX[key]
+    except (KeyError, TypeError):  # not seen yet, or not weakly referenceable
+        from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+        answer = is_param_in_hook_signature(training_step, "batch_idx", min_args=2)
+    with contextlib.suppress(TypeError):
+        _TAKES_BATCH_IDX[key] = answer
+    return answer
 
 
 def extract_loss(out: Any) -> Tensor:

@@ -33,7 +33,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -191,7 +190,9 @@ class LandscapeCallback(MeasurementCallback):
         lr = _single_lr(lrs)
         return tuple(lr * m for m in self.lr_multipliers)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:
+    def measure(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext
+    ) -> dict[str, float | Tensor]:
         etas = self.step_size_grid(ctx.lrs_t or [])
         params_t, grads_t = ctx.params_t or {}, ctx.grads_t or {}
         if self.direction == "unit":  # distance d along g_t / ||g_t|| is eta = d / ||g_t|| along g_t
@@ -207,7 +208,7 @@ class LandscapeCallback(MeasurementCallback):
         sequential = self._method_in_use == "loop"
         with ctx.evaluation(frozen or None, wrt=None, sequential=sequential) as core_loss, swapped:
             result = self._evaluate(pl_module, core_loss, swapped, moved, grads_t, etas, ctx)
-        values = {self.key(k): torch.tensor(v, dtype=torch.float64) for k, v in summarize(result).items()}
+        values: dict[str, float | Tensor] = {self.key(k): v for k, v in summarize(result).items()}
         if self.log_each_step_size:
             for i in range(len(etas)):
                 label = self._label(i)
@@ -253,7 +254,7 @@ class LandscapeCallback(MeasurementCallback):
         )
 
     # -- figure ----------------------------------------------------------------------------
-    def _record(self, trainer: pl.Trainer, step: int, values: Mapping[str, Tensor]) -> None:
+    def _record(self, trainer: pl.Trainer, step: int, values: Mapping[str, float | Tensor]) -> None:
         for key in SUMMARY_KEYS:
             steps, vals = self.history[key]
             steps.append(step)
