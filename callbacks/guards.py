@@ -266,8 +266,10 @@ class _MetricStates:
                 value = getattr(mod, attr)
                 if isinstance(value, Tensor):
                     self._tensors.append([mod, attr, value.detach().clone(), value, _version(value)])
+                elif isinstance(value, _IMMUTABLE):  # nothing to copy: the object itself comes back
+                    self._others.append((mod, attr, value, False))
                 else:
-                    self._others.append((mod, attr, _clone_state(value), not isinstance(value, _IMMUTABLE)))
+                    self._others.append((mod, attr, _clone_state(value), True))
             for attr in _METRIC_ATTRS:
                 if hasattr(mod, attr):  # saved by reference, as metrics_preserved does
                     self._others.append((mod, attr, getattr(mod, attr), False))
