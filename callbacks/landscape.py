@@ -22,8 +22,9 @@ two instances, say one per ``direction``, measure in the same run without overwr
 Cost per measurement: exactly len(grid) forward+backward passes of the step's batch (8 by
 default), plus bookkeeping that benchmarks/landscape_cost.py measures against them. Memory: the
 core's copies of W_t and g_t, plus four parameter-sized buffers (W_t and g_t packed, W(eta),
-the gradient at W(eta); ``method="loop"``) or ``chunk_size`` copies and activations
-(``method="batched"``).
+the gradient at W(eta); ``method="loop"``; a model whose len(grid) gradients fit in 32 MB keeps
+one gradient row per eta instead, and keeps these buffers from one measurement to the next)
+or ``chunk_size`` copies and activations (``method="batched"``).
 """
 
 from __future__ import annotations
@@ -68,7 +69,8 @@ class LandscapeCallback(MeasurementCallback):
     """Santurkar et al. (2018) Fig. 4 measurements for any LightningModule.
 
     Cost per measurement: len(grid) forward+backward passes of the step's batch (8 by
-    default), whichever ``method``; memory: four parameter-sized buffers (``loop``).
+    default), whichever ``method``; memory: four parameter-sized buffers (``loop``; up to
+    32 MB of gradient rows on small models, see the module docstring).
 
     Args:
         every_n_steps: measure every n-th training step.

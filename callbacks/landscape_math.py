@@ -14,7 +14,8 @@ mode updates its running statistics in the forward pass; the caller's buffers st
 
 Two evaluation methods with the same cost, len(step_sizes) forward+backward passes:
 ``loop`` evaluates one eta after the other (W(eta) written in place into reused buffers: four
-parameter-sized buffers; ``loss_fn`` gets the same tensors at every eta); ``batched`` evaluates
+parameter-sized buffers, or len(step_sizes) gradient rows in place of one when they fit in
+:data:`ROWS_BYTES`; ``loss_fn`` gets the same tensors at every eta); ``batched`` evaluates
 ``chunk_size`` etas in one ``torch.func.vmap`` call (chunk_size parameter copies) and needs a
 closure that vmap can trace (no ``.item()``, no in-place update of captured tensors).
 """
