@@ -66,6 +66,7 @@ from callbacks.context import MicroBatch, StepContext, extract_loss
 from callbacks.distributed import all_reduce_mean, is_global_zero, world_size
 from callbacks.finite import NonFiniteError, non_finite_names
 from callbacks.guards import measuring
+from callbacks.module_index import ModuleIndex
 from callbacks.rng import RNGState, preserved_rng
 from callbacks.schedule import Schedule
 from callbacks.training_loop import (
@@ -166,6 +167,7 @@ class MeasurementCallback(pl.Callback):
         self.last_values: dict[str, float] = {}
         self._pending: StepContext | None = None
         self._warned: set[str] = set()
+        self._index = ModuleIndex()  # the module tree's lists, kept from step to step
 
     # ------------------------------------------------------------------ subclass API --
     def setup_measurement(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -224,7 +226,9 @@ class MeasurementCallback(pl.Callback):
         """
         if step is None:
             step = max(steps_done(trainer) - 1, 0)
-        ctx = StepContext(trainer, pl_module, step, None, 0, bn_mode=self.bn_mode, rng=RNGState.capture())
+        ctx = StepContext(
+            trainer, pl_module, step, None, 0, bn_mode=self.bn_mode, rng=RNGState.capture(), index=self._index
+        )
         ctx.lrs_t = all_lrs(trainer)
         self._measure_and_write(trainer, pl_module, ctx)
         return dict(self.last_values)
@@ -374,14 +378,16 @@ class MeasurementCallback(pl.Callback):
             # inside an accumulation window): measuring the rest would pair part of the data with g_t
             self.warn_once("mid-window", f"step {step} began before its first micro-batch was seen; not measured")
             return
-        ctx = StepContext(trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=micro.rng)
+        ctx = StepContext(
+            trainer, pl_module, step, batch, batch_idx, bn_mode=self.bn_mode, rng=micro.rng, index=self._index
+        )
         ctx.micro_batches.append(micro)
         if not pl_module.automatic_optimization:
             # Manual optimization: the measured step is the batch. W_t = the parameters at batch
             # start, before any of the module's optimizers moved them; g_t is computed at batch end.
             if self.needs_params_t or self.needs_grads_t:
                 with torch.no_grad():
-                    ctx.params_t = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+                    ctx.params_t = {n: p.detach().clone() for n, p in ctx._named().items()}
             ctx.lrs_t = all_lrs(trainer)
         self._pending = ctx
         self.on_measured_step_start(trainer, pl_module, step)
@@ -393,13 +399,14 @@ class MeasurementCallback(pl.Callback):
         ctx = self._pending
         if ctx is None or not pl_module.automatic_optimization:
             return
+        named = ctx._named()  # listed once per step (named_parameters() walks the module tree)
         with torch.no_grad():
             if self.needs_params_t:
-                ctx.params_t = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+                ctx.params_t = {n: p.detach().clone() for n, p in named.items()}
             if self.needs_grads_t:
                 ctx.grads_t = {
                     n: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-                    for n, p in pl_module.named_parameters()
+                    for n, p in named.items()
                     if p.requires_grad
                 }
         ctx.lrs_t = [float(group["lr"]) for group in optimizer.param_groups]

@@ -52,6 +52,7 @@ from callbacks.guards import (
     noise_replayed,
     parameters_set_to,
 )
+from callbacks.module_index import ModuleIndex
 from callbacks.rng import RNGState, preserved_rng, replayed_rng
 
 BNMode = Literal["train", "eval"]
@@ -116,6 +117,8 @@ class StepContext:
     _module_cache: dict[str, list[Any]] | None = field(default=None, repr=False)
     _takes_batch_idx: bool | None = field(default=None, repr=False)
     _sequential: SequentialCalls | None = field(default=None, repr=False)
+    #: lists of the module tree kept across steps (:class:`~callbacks.module_index.ModuleIndex`)
+    index: ModuleIndex | None = field(default=None, repr=False)
 
     # -- the primitives ----------------------------------------------------------------
     @contextlib.contextmanager
@@ -233,21 +236,21 @@ class StepContext:
 
     def _named(self) -> dict[str, Tensor]:
         if self._param_cache is None:
-            self._param_cache = dict(self.pl_module.named_parameters())
+            self._index_lists()
         return self._param_cache
 
     def _modules(self, kind: str = "all") -> list[Any]:
         """The module's submodules, and those a guard acts on, listed once per step: looking
         attributes up on every module for every loss call costs more than a tiny model."""
         if self._module_cache is None:
-            every = list(self.pl_module.modules())
-            self._module_cache = {
-                "all": every,
-                "buffers": [m for m in every if m._buffers],
-                "metrics": [m for m in every if isinstance(getattr(m, "_defaults", None), dict)],
-                "noise": [m for m in every if isinstance(getattr(m, "replay_noise", None), bool)],
-            }
+            self._index_lists()
         return self._module_cache[kind]
+
+    def _index_lists(self) -> None:
+        # With an index (one per callback) the lists of the previous step are reused while the
+        # module tree is unchanged; the dict is copied, so a caller changing it changes no other step.
+        named, lists = (self.index or ModuleIndex()).lists(self.pl_module)
+        self._param_cache, self._module_cache = dict(named), lists
 
     # -- the common cases --------------------------------------------------------------
     def loss(
