@@ -462,6 +462,7 @@ def test_sequential_calls_see_the_original_state_and_restore_it_also_on_errors()
 
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
     net.register_buffer("counter", torch.zeros(()))
+    net.register_buffer("strided", torch.randn(4, 6)[:, ::2])  # not contiguous: copied on its own
     metric = torchmetrics.MeanMetric()  # not in net: nn.Sequential would run it as a layer
     metric.update(torch.tensor(2.0))
     bn = net[1]
@@ -476,6 +477,8 @@ def test_sequential_calls_see_the_original_state_and_restore_it_also_on_errors()
                 assert torch.equal(bn.running_mean, bits["1.running_mean"])
                 assert bn.running_mean is not originals["1.running_mean"]
                 assert torch.equal(net.counter, bits["counter"]) and metric._update_count == metric_before[2]
+                assert torch.equal(net.strided, bits["strided"])
+                net.strided.mul_(3)  # written in place
                 assert torch.equal(metric.mean_value, metric_before[0])
                 out = net(x if how != "nan" else x * float("nan")).sum()
                 net.counter = net.counter + 1  # replaced, not written in place
