@@ -141,8 +141,9 @@ def evaluate_along_gradient(
     g = {n: _detached(grad[n]) for n in names}
     bufs = {n: _detached(b) for n, b in (buffers or {}).items()}
     if method == "loop":
-        losses, diffs = _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace)
+        losses, diffs, g_norm = _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace)
     else:
+        g_norm = grad_norm(g)
         size = len(etas) if chunk_size is None else chunk_size
         starts = range(0, len(etas), size)
         chunks = [_batched(loss_fn, p, g, bufs, etas[i : i + size], before_each, reduce) for i in starts]
@@ -152,7 +153,7 @@ def evaluate_along_gradient(
         step_sizes=torch.tensor(etas, dtype=torch.float64, device=device),
         losses=losses,
         grad_diff_norms=diffs,
-        grad_norm=grad_norm(g).to(device),
+        grad_norm=g_norm.to(device),
     )
 
 
@@ -167,7 +168,7 @@ model's gradients are handled one eta at a time (one row). Rows cost memory, ope
 fixed time each: on a small model the per-eta operations cost as much as its forward pass."""
 
 
-def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tuple[Tensor, Tensor]:
+def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tuple[Tensor, Tensor, Tensor]:
     moved = _MovedParams.reused(workspace, p, g, len(etas))
     leaves = list(moved.params.values())
     losses, diffs = [], []
@@ -189,7 +190,7 @@ def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tup
             chunk_loss = moved.reduce_rows(reduce, chunk_loss, len(chunk))
         losses.append(chunk_loss.double())
         diffs.append(moved.diff_norms(len(chunk)))
-    return torch.cat(losses), torch.cat(diffs)
+    return torch.cat(losses), torch.cat(diffs), moved.g_norm()
 
 
 class _MovedParams:
@@ -297,6 +298,12 @@ class _MovedParams:
             for r in range(k):
                 self._single_grads[r][j] = value[r]
         return losses
+
+    def g_norm(self) -> Tensor:
+        """||g_t||_2 from the packed g_t (one norm per buffer; the padding is zeros), in float64."""
+        norms = [torch.linalg.vector_norm(b.g, dtype=torch.float64) for b in self._buffers]
+        norms += [torch.linalg.vector_norm(self._g[i], dtype=torch.float64) for i in self._single]
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
     def diff_norms(self, k: int) -> Tensor:
         """||grad - g_t||_2 of rows ``0..k-1``, shape (k,) (the rows are overwritten with the
