@@ -358,6 +358,7 @@ class MeasurementCallback(pl.Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._pending = None
+            self._index = ModuleIndex()  # holds the module's tree: let it go with the fit
             self.teardown_measurement(trainer, pl_module)
 
     def on_train_batch_start(
