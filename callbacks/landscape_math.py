@@ -224,7 +224,6 @@ class _MovedParams:
             else:
                 self._single.append(i)
         self.rows = rows
-        self._key = _layout_key(p, g)
         self._p, self._g = [p[n] for n in names], [g[n] for n in names]
         self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES, rows) for idx in groups.values()]
         #: per row, the other tensors' gradients (flattened), as the loop stores them
@@ -253,12 +252,13 @@ class _MovedParams:
         rows = num_etas if num_etas * nbytes <= ROWS_BYTES else 1
         if workspace is None or rows == 1:
             return cls(p, g, rows)
-        moved = workspace.get("moved")
-        if moved is not None and moved.rows == rows and moved._key == _layout_key(p, g):
+        key = (rows, _layout_key(p, g))
+        if workspace.get("key") == key:
+            moved = workspace["moved"]
             moved._refill(p, g)
             return moved
-        workspace["moved"] = moved = cls(p, g, rows)
-        return moved
+        workspace["key"], workspace["moved"] = key, cls(p, g, rows)
+        return workspace["moved"]
 
     def _refill(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> None:
         self._p, self._g = list(p.values()), list(g.values())
@@ -342,10 +342,11 @@ class _Packed:
         for i in idx:
             pad = -p[i].numel() % align
             layout += [i, zeros[:pad]] if pad else [i]
+        def packed(tensors: Sequence[Tensor]) -> Tensor:
+            return _flatten_dense_tensors([tensors[e].reshape(-1) if isinstance(e, int) else e for e in layout])
+
         with torch.no_grad():
-            parts = [p[e].reshape(-1) if isinstance(e, int) else e for e in layout]
-            self.p = _flatten_dense_tensors(parts)
-            self.g = _flatten_dense_tensors([g[e].reshape(-1) if isinstance(e, int) else e for e in layout])
+            self.p, self.g = packed(p), packed(g)
             self.w = torch.empty_like(self.p)
             self.grads = torch.zeros(rows, self.p.numel(), dtype=self.p.dtype, device=self.p.device)  # padding stays 0
         shapes = [p[e] if isinstance(e, int) else e for e in layout]

@@ -333,3 +333,29 @@ def test_workspace_keeps_a_small_models_buffers_with_the_values_of_fresh_ones():
     other_g = {n: torch.randn_like(t) for n, t in fewer.items()}
     evaluate_along_gradient(loss_fn, fewer, other_g, etas, workspace=workspace)
     assert workspace["moved"] is not kept[0]
+
+
+@pytest.mark.parametrize("rows_bytes", [landscape_math.ROWS_BYTES, 0])
+def test_reduce_covers_the_tensors_outside_the_packed_buffers(rows_bytes, monkeypatch):
+    """Two simulated ranks on a model with a channels_last weight (kept outside the packed
+    buffers) and a float64 layer: the mean over ranks of every kept gradient row, the packed
+    ones and the others, is the full-batch gradient."""
+    monkeypatch.setattr(landscape_math, "ROWS_BYTES", rows_bytes)
+    torch.manual_seed(0)
+    model, x, y = _Awkward(), torch.randn(8, 3, 5, 5), torch.randint(0, 3, (8,))
+    named = dict(model.named_parameters())
+
+    def loss_on(rows):
+        return lambda p, b: nn.functional.cross_entropy(functional_call(model, p, (x[rows],)), y[rows])
+
+    grads = torch.autograd.grad(loss_on(slice(None))(named, {}), list(named.values()), allow_unused=True)
+    g = {n: torch.zeros_like(p) if gr is None else gr for (n, p), gr in zip(named.items(), grads)}
+    etas = (0.01, 0.1, 0.5)
+    full = evaluate_along_gradient(loss_on(slice(None)), named, g, etas)
+    sent = []
+    evaluate_along_gradient(loss_on(slice(4, None)), named, g, etas, reduce=lambda t: sent.append(t.clone()) or t)
+    other = iter(sent)
+    rank0 = evaluate_along_gradient(loss_on(slice(0, 4)), named, g, etas, reduce=lambda t: (t + next(other)) / 2)
+    torch.testing.assert_close(rank0.losses, full.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rank0.grad_diff_norms, full.grad_diff_norms, rtol=1e-4, atol=1e-6)
+    assert len(sent) == (1 if rows_bytes else len(etas))
