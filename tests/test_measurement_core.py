@@ -291,6 +291,49 @@ def test_state_key_tells_instances_apart():
     assert a.state_key != b.state_key and "AtWt" in a.state_key
 
 
+def test_state_key_is_computed_once_per_fit_and_follows_the_arguments_between_fits():
+    """Lightning reads state_key at every hook call of every callback: a fit computes it once."""
+    cb = AtWt()
+    calls = []
+    fields = cb.state_key_fields
+    cb.state_key_fields = lambda: calls.append(1) or fields()
+    before = cb.state_key
+    trainer = make_trainer(max_steps=4, callbacks=[cb], logger=RecordingLogger())
+    calls.clear()
+    trainer.fit(TinyClassifier(), classification_loader())
+    assert len(calls) <= 2 and cb.state_key == before  # the setup hook's label and setup itself; none per step
+    cb.bn_mode = "eval"  # after the fit, the key follows the arguments again
+    assert cb.state_key != before
+
+
+def test_an_unmeasured_step_captures_no_rng_state(monkeypatch):
+    """Capturing the RNG streams (NumPy's get_state alone ~50 µs) only for the steps measured."""
+    import callbacks.base as base
+
+    captured_at = []
+    capture = base.RNGState.capture
+    trainer = make_trainer(max_steps=7, callbacks=[Every3()], logger=RecordingLogger())
+
+    def counting(host=True):
+        import sys
+
+        if sys._getframe(1).f_code.co_name == "on_train_batch_start":
+            captured_at.append(trainer.global_step)
+        return capture(host)
+
+    monkeypatch.setattr(base.RNGState, "capture", staticmethod(counting))
+    trainer.fit(TinyClassifier(), classification_loader())
+    assert captured_at == [0, 3, 6]
+
+
+class Every3(MeasurementCallback):
+    def __init__(self):
+        super().__init__(3)
+
+    def measure(self, trainer, pl_module, ctx):
+        return {"every3/loss": ctx.loss()}
+
+
 # -- the guards, one by one --------------------------------------------------------------
 def test_parameters_set_to_restores_bits_and_identity():
     model = TinyClassifier()
