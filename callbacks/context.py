@@ -117,6 +117,7 @@ class StepContext:
     _module_cache: dict[str, list[Any]] | None = field(default=None, repr=False)
     _takes_batch_idx: bool | None = field(default=None, repr=False)
     _sequential: SequentialCalls | None = field(default=None, repr=False)
+    _sequential_step_loss: Callable[[], Tensor] | None = field(default=None, repr=False)
     #: lists of the module tree kept across steps (:class:`~callbacks.module_index.ModuleIndex`)
     index: ModuleIndex | None = field(default=None, repr=False)
 
@@ -163,17 +164,47 @@ class StepContext:
             outer = self._sequential  # a nested evaluation guards its own calls
             guarded = None
             if sequential:
-                guarded = SequentialCalls(self._modules("buffers"), self._modules("metrics"))
+                kept = self.index.kept.setdefault("metric states", {}) if self.index is not None else None
+                guarded = stack.enter_context(SequentialCalls(self._modules("buffers"), self._modules("metrics"), kept))
                 # The live streams are put back once, at the end of the block; each call only
                 # replays the step's state (streams the step's state leaves alone stay alone).
                 stack.enter_context(preserved_rng(host=self.rng.numpy is not None))
             self._sequential = guarded
+            outer_step_loss = self._sequential_step_loss
+            self._sequential_step_loss = self._step_loss(guarded) if guarded is not None else None
             try:
                 yield self._loss_fn
             finally:
-                self._sequential = outer
+                self._sequential, self._sequential_step_loss = outer, outer_step_loss
+
+    def _step_loss(self, calls: SequentialCalls) -> Callable[[], Tensor] | None:
+        """``loss_fn()`` on the step's own batch in a sequential block, with every lookup
+        :meth:`_one_loss` makes per call done once for the block (on a small model they cost
+        as much as a layer); None under accumulation, which goes through :meth:`_one_loss`."""
+        if self.accumulated:
+            return None
+        module, rng, batch = self.pl_module, self.rng, self.batch
+        hook = getattr(module, "measurement_loss", None)
+        if callable(hook):
+            step, args = hook, (batch, self.batch_idx)
+        else:
+            if self._takes_batch_idx is None:
+                self._takes_batch_idx = takes_batch_idx(module.training_step)
+            step = module.training_step
+            args = (batch, self.batch_idx) if self._takes_batch_idx else (batch,)
+        plugin = self.trainer.precision_plugin if self.trainer is not None else None
+
+        def loss() -> Tensor:
+            rng.restore()  # the sequential block restores the live streams at its end
+            with calls.call(), plugin.train_step_context() if plugin is not None else contextlib.nullcontext():
+                out = step(*args)
+            return extract_loss(out)
+
+        return loss
 
     def _loss_fn(self, batch: Any = _NO_BATCH, batch_idx: int | None = None) -> Tensor:
+        if batch is _NO_BATCH and batch_idx is None and self._sequential_step_loss is not None:
+            return self._sequential_step_loss()
         if batch is _NO_BATCH and batch_idx is None and self.accumulated:
             return self._accumulated_loss()
         ((batch, batch_idx),) = self._batches(batch, batch_idx, None)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import operator
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 _MEASURING = 0
 
@@ -216,24 +218,56 @@ class SequentialCalls:
 
     For a caller that is done with each call's autograd graph before the next call (a loop over
     parameter values): on a small model, snapshotting every buffer and metric state at every
-    call costs as much as the forward pass. Each ``with calls.call():`` sees what the per-call
-    guards give it, bit for bit: every buffer a private copy of the original (made at the first
-    call and reset in place, one fused copy, before each later one; in place is safe because no
-    graph of an earlier call is differentiated any more), the originals back in place between
-    calls; every metric state as it was at the start: a state that a call replaced, or modified
-    in place (PyTorch's version counter), is put back as a fresh copy of its value at the start.
+    call costs as much as the forward pass. Use it as a context manager around the calls; each
+    ``with calls.call():`` sees what the per-call guards give it, bit for bit: every buffer a
+    private copy of the original (made at the first call and reset in place, one fused copy,
+    before each later one; in place is safe because no graph of an earlier call is
+    differentiated any more), every metric state as it was at the start (a state that a call
+    replaced, or modified in place (PyTorch's version counter), is put back as a fresh copy of
+    its value at the start). The original buffers are back between calls and on exit; the
+    original tensor objects are never written. ``kept``: a dict the caller keeps from one series
+    to the next, in which the copies of metric states are reused while unchanged
+    (:class:`_MetricStates`).
+
+    One exception, with the same values: the buffers of a torch BatchNorm (``nn.BatchNorm1d``/
+    ``2d``/``3d``, ``nn.SyncBatchNorm`` or a subclass that keeps their ``forward``) in train
+    mode and without hooks are written but never read by its forward (the output uses the
+    batch statistics; the running ones are only updated), so they get their private copy once
+    for the whole series and are not reset between calls (one fused copy and two dictionary
+    writes per buffer saved at every call); the originals come back on exit. Code that reads
+    such a module's running statistics during a call (rather than its forward) sees them as
+    updated by the earlier calls.
     """
 
-    def __init__(self, buffer_modules: Iterable[nn.Module], metric_modules: Iterable[nn.Module]) -> None:
-        self._slots = [
-            (mod._buffers, name, buf) for mod in buffer_modules for name, buf in mod._buffers.items() if buf is not None
-        ]
+    def __init__(
+        self, buffer_modules: Iterable[nn.Module], metric_modules: Iterable[nn.Module], kept: dict | None = None
+    ) -> None:
+        #: (the module's _buffers, name, original): reset before every call / copied once
+        self._slots: list[tuple[dict[str, Any], str, Tensor]] = []
+        self._kept: list[tuple[dict[str, Any], str, Tensor]] = []
+        for mod in buffer_modules:
+            slots = self._kept if _buffers_write_only(mod) else self._slots
+            slots += [(mod._buffers, name, buf) for name, buf in mod._buffers.items() if buf is not None]
         self._originals = [buf for _, _, buf in self._slots]
         self._copies: list[Tensor] | None = None
-        self._metrics = _MetricStates(metric_modules)
+        self._kept_installed = False
+        self._metrics = _MetricStates(metric_modules, kept)
+
+    def __enter__(self) -> SequentialCalls:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._kept_installed:
+            for buffers, name, buf in self._kept:
+                buffers[name] = buf
+            self._kept_installed = False
 
     @contextmanager
     def call(self) -> Iterator[None]:
+        if not self._kept_installed and self._kept:
+            for buffers, name, buf in self._kept:
+                buffers[name] = buf.detach().clone()
+            self._kept_installed = True
         if self._copies is None:
             self._copies = [buf.detach().clone() for buf in self._originals]
         elif self._copies:
@@ -249,11 +283,31 @@ class SequentialCalls:
             self._metrics.restore()
 
 
+_WRITE_ONLY_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _buffers_write_only(mod: nn.Module) -> bool:
+    """Whether ``mod``'s forward writes its buffers without reading them into its output: torch's
+    BatchNorm forward in train mode (batch statistics; the running ones are only updated, and
+    ``num_batches_tracked`` only sets the update's factor), with no hook that could read them.
+    A subclass that overrides ``forward`` may read them, and so may a hook."""
+    return (
+        mod.training
+        and type(mod).forward in _WRITE_ONLY_FORWARDS
+        and not (mod._forward_hooks or mod._forward_pre_hooks)
+    )
+
+
 class _MetricStates:
     """The torchmetrics states of ``modules`` (as :func:`metrics_preserved` saves them), and
-    :meth:`restore`, which puts back only what changed (cheap when nothing did)."""
+    :meth:`restore`, which puts back only what changed (cheap when nothing did).
 
-    def __init__(self, modules: Iterable[nn.Module]) -> None:
+    ``kept``: a dict the caller keeps from one measurement to the next (None: none). The copy of
+    a tensor state is then reused while the state is the same tensor, not written since (its
+    version counter): the states of a metric that training does not update (a validation
+    metric during training) are copied once, not at every measurement."""
+
+    def __init__(self, modules: Iterable[nn.Module], kept: dict | None = None) -> None:
         #: [module, attribute, saved value, installed tensor, its version] of tensor states
         self._tensors: list[list[Any]] = []
         #: (module, attribute, saved value, whether it needs a fresh copy at every restore)
@@ -265,7 +319,7 @@ class _MetricStates:
             for attr in defaults:
                 value = getattr(mod, attr)
                 if isinstance(value, Tensor):
-                    self._tensors.append([mod, attr, value.detach().clone(), value, _version(value)])
+                    self._tensors.append([mod, attr, _kept_copy(kept, mod, attr, value), value, _version(value)])
                 elif isinstance(value, _IMMUTABLE):  # nothing to copy: the object itself comes back
                     self._others.append((mod, attr, value, False))
                 else:
@@ -273,8 +327,29 @@ class _MetricStates:
             for attr in _METRIC_ATTRS:
                 if hasattr(mod, attr):  # saved by reference, as metrics_preserved does
                     self._others.append((mod, attr, getattr(mod, attr), False))
+        # What restore() checks first, in one pass of C-level maps: every tensor state is still
+        # the installed tensor at its version, and every by-reference attribute the saved object.
+        self._dicts = [e[0].__dict__ for e in self._tensors] + [o[0].__dict__ for o in self._others if not o[3]]
+        self._attrs = [e[1] for e in self._tensors] + [o[1] for o in self._others if not o[3]]
+        self._missing = [_MISSING] * len(self._attrs)
+        self._fresh = [o for o in self._others if o[3]]
+        self._expected: list[Any] = []
+        self._versions: list[int | None] = []
+        self._expect()
+
+    def _expect(self) -> None:
+        self._expected = [e[3] for e in self._tensors] + [o[2] for o in self._others if not o[3]]
+        self._versions = [e[4] for e in self._tensors]
 
     def restore(self) -> None:
+        current = list(map(dict.get, self._dicts, self._attrs, self._missing))
+        unchanged = all(map(operator.is_, current, self._expected)) and None not in self._versions
+        if not unchanged or list(map(_VERSION, current[: len(self._tensors)])) != self._versions:
+            self._restore_changed()
+        for mod, attr, value, _ in self._fresh:  # a mutable state (a list): it may have been changed in place
+            _set_attr(mod, attr, _clone_state(value))
+
+    def _restore_changed(self) -> None:
         for entry in self._tensors:
             mod, attr, saved, installed, version = entry
             current = mod.__dict__.get(attr, _MISSING)
@@ -284,12 +359,26 @@ class _MetricStates:
             _set_attr(mod, attr, fresh)
             entry[3], entry[4] = fresh, _version(fresh)
         for mod, attr, value, fresh in self._others:
-            if fresh:  # a mutable state (a list): it may have been changed in place
-                _set_attr(mod, attr, _clone_state(value))
-            elif mod.__dict__.get(attr, _MISSING) is not value:
+            if not fresh and mod.__dict__.get(attr, _MISSING) is not value:
                 _set_attr(mod, attr, value)
+        self._expect()
 
 
+def _kept_copy(kept: dict | None, mod: nn.Module, attr: str, value: Tensor) -> Tensor:
+    """A copy of tensor state ``value``: from ``kept`` if it holds one of this very tensor at its
+    current version, else a fresh one (then kept). The copy is never installed, only cloned."""
+    version = _version(value)
+    if kept is None or version is None:
+        return value.detach().clone()
+    entry = kept.get((id(mod), attr))
+    if entry is not None and entry[0] is value and entry[1] == version:
+        return entry[2]
+    copy_ = value.detach().clone()
+    kept[(id(mod), attr)] = (value, version, copy_)  # holds value: its id cannot be reused
+    return copy_
+
+
+_VERSION = operator.attrgetter("_version")
 _IMMUTABLE = (int, float, bool, str, bytes, type(None))
 _MISSING = object()
 

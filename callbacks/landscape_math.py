@@ -172,24 +172,24 @@ def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tup
     moved = _MovedParams.reused(workspace, p, g, len(etas))
     leaves = list(moved.params.values())
     losses, diffs = [], []
-    for start in range(0, len(etas), moved.rows):
-        chunk = etas[start : start + moved.rows]
-        chunk_losses = []
-        for row, eta in enumerate(chunk):
-            moved.move_to(eta)
-            if before_each is not None:
-                before_each()
-            with torch.enable_grad():
+    with torch.enable_grad():  # once, not per eta: the loop's own tensor operations need no graph
+        for start in range(0, len(etas), moved.rows):
+            chunk = etas[start : start + moved.rows]
+            chunk_losses = []
+            for row, eta in enumerate(chunk):
+                moved.move_to(eta)
+                if before_each is not None:
+                    before_each()
                 loss = loss_fn(moved.params, {n: b.clone() for n, b in bufs.items()})
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            moved.store_grads(row, grads)
-            del grads
-            chunk_losses.append(loss.detach().reshape(1))
-        chunk_loss = torch.cat(chunk_losses) if len(chunk_losses) > 1 else chunk_losses[0]
-        if reduce is not None:  # one collective for the chunk's losses and gradients
-            chunk_loss = moved.reduce_rows(reduce, chunk_loss, len(chunk))
-        losses.append(chunk_loss.double())
-        diffs.append(moved.diff_norms(len(chunk)))
+                moved.store_grads(row, grads)
+                del grads
+                chunk_losses.append(loss.detach())
+            chunk_loss = torch.stack(chunk_losses).reshape(len(chunk))
+            if reduce is not None:  # one collective for the chunk's losses and gradients
+                chunk_loss = moved.reduce_rows(reduce, chunk_loss, len(chunk))
+            losses.append(chunk_loss.double())
+            diffs.append(moved.diff_norms(len(chunk)))
     return torch.cat(losses), torch.cat(diffs), moved.g_norm()
 
 
@@ -268,11 +268,11 @@ class _MovedParams:
 
     def move_to(self, eta: float) -> None:
         """Set ``params`` to W_t - eta g_t (in place, outside autograd)."""
-        with torch.no_grad():
-            for b in self._buffers:
-                torch.add(b.p, b.g, alpha=-eta, out=b.w)
-            if self._single:
-                leaves = list(self.params.values())
+        for b in self._buffers:  # no tensor here requires grad (the leaves are separate tensors)
+            torch.add(b.p, b.g, alpha=-eta, out=b.w)
+        if self._single:
+            leaves = list(self.params.values())
+            with torch.no_grad():  # these leaves require grad themselves
                 for i in self._single:
                     torch.add(self._p[i], self._g[i], alpha=-eta, out=leaves[i])
 
@@ -365,16 +365,16 @@ class _Packed:
     def pack(self, row: int, grads: Sequence[Tensor | None]) -> None:
         """Write the gradients of this buffer's tensors into row ``row`` (None: zeros): the bits
         of their padded concatenation, in one fused copy."""
+        # Neither the rows nor gradients taken without create_graph require grad: no no_grad().
         views, parts = self._grad_views[row], [grads[i] for i in self.idx]
-        with torch.no_grad():
-            if any(t is None for t in parts):  # a parameter the loss does not reach: zero gradient
-                for view, t in zip(views, parts):
-                    if t is None:
-                        view.zero_()
-                views = [v for v, t in zip(views, parts) if t is not None]
-                parts = [t for t in parts if t is not None]
-            if parts:
-                torch._foreach_copy_(views, parts)
+        if any(t is None for t in parts):  # a parameter the loss does not reach: zero gradient
+            for view, t in zip(views, parts):
+                if t is None:
+                    view.zero_()
+            views = [v for v, t in zip(views, parts) if t is not None]
+            parts = [t for t in parts if t is not None]
+        if parts:
+            torch._foreach_copy_(views, parts)
 
 
 def _batched(loss_fn, p, g, bufs, etas, before_each, reduce) -> tuple[Tensor, Tensor]:

@@ -41,6 +41,9 @@ class ModuleIndex:
         self._fingerprint: tuple | None = None
         self._named: dict[str, Tensor] = {}
         self._lists: dict[str, list[Any]] = {}
+        #: what measurements keep of this module from one step to the next (copies of metric
+        #: states, :class:`~callbacks.guards.SequentialCalls`); emptied when the tree changes
+        self.kept: dict[str, Any] = {}
 
     def lists(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, list[Any]]]:
         """``(dict(module.named_parameters()), lists)`` with ``lists``: ``"all"`` (``modules()``),
@@ -50,6 +53,7 @@ class ModuleIndex:
         if module is self._module and self._fingerprint == _fingerprint(self._lists["all"]):
             return self._named, self._lists
         every = list(module.modules())
+        self.kept.clear()
         self._module, self._fingerprint = module, _fingerprint(every)
         self._named = dict(module.named_parameters())
         self._lists = {

@@ -452,44 +452,117 @@ def test_key_suffix_is_checked_at_once(suffix):
         LandscapeCallback(key_suffix=suffix)
 
 
+class _ReadsRunningMean(nn.BatchNorm1d):
+    """A BatchNorm whose own forward reads its running mean in train mode."""
+
+    def forward(self, x):
+        return super().forward(x) + self.running_mean
+
+
 def test_sequential_calls_see_the_original_state_and_restore_it_also_on_errors():
     """The per-measurement guards of the loop: every call sees the buffers and metric states of
     the start (BN in train mode updates its running statistics, the metric is updated, a buffer
-    replaced), the originals are back between calls, and after a call that raised or gave nan."""
+    replaced), the originals are back between calls (but those of a torch BatchNorm in train
+    mode, which its forward never reads), and on exit, also after a call that raised or gave nan."""
     import torchmetrics
 
     from callbacks.guards import SequentialCalls
 
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), _ReadsRunningMean(4), nn.BatchNorm1d(4), nn.BatchNorm1d(4))
+    net.train()
+    net[4].eval()  # reads its running statistics
+    net[3].register_forward_hook(lambda mod, inp, out: out + mod.running_var)  # a hook that reads them
     net.register_buffer("counter", torch.zeros(()))
     net.register_buffer("strided", torch.randn(4, 6)[:, ::2])  # not contiguous: copied on its own
+    for bn in net[1:]:
+        bn.running_mean.normal_()
     metric = torchmetrics.MeanMetric()  # not in net: nn.Sequential would run it as a layer
     metric.update(torch.tensor(2.0))
-    bn = net[1]
     originals = {n: b for n, b in net.named_buffers()}
     bits = {n: b.clone() for n, b in originals.items()}
+    kept = {n for n in originals if n.startswith("1.")}  # the plain BatchNorm in train mode only
     metric_before = (metric.mean_value.clone(), metric.weight.clone(), metric._update_count)
-    calls = SequentialCalls(list(net.modules()), [metric])
     x = torch.randn(8, 3)
-    for i, how in enumerate(["ok", "raise", "nan", "ok"]):
-        with torch.enable_grad(), pytest.raises(RuntimeError) if how == "raise" else contextlib.nullcontext():
+    with SequentialCalls(list(net.modules()), [metric]) as calls:
+        for i, how in enumerate(["ok", "raise", "nan", "ok"]):
+            with torch.enable_grad(), pytest.raises(RuntimeError) if how == "raise" else contextlib.nullcontext():
+                with calls.call():
+                    for n, b in net.named_buffers():
+                        assert b is not originals[n], n
+                        assert n in kept or torch.equal(b, bits[n]), (i, n)
+                    assert net.counter == bits["counter"] and metric._update_count == metric_before[2]
+                    net.strided.mul_(3)  # written in place
+                    assert torch.equal(metric.mean_value, metric_before[0])
+                    out = net(x if how != "nan" else x * float("nan")).sum()
+                    net.counter = net.counter + 1  # replaced, not written in place
+                    torch.autograd.grad(out, list(net.parameters()))
+                    metric.update(out.detach())
+                    if how == "raise":
+                        raise RuntimeError("a step size failed")
+            for n, b in net.named_buffers():
+                assert (b is not originals[n]) if n in kept else (b is originals[n]), (i, n)
+                assert torch.equal(originals[n], bits[n]), (i, n)
+            assert torch.equal(metric.mean_value, metric_before[0]) and torch.equal(metric.weight, metric_before[1])
+            assert metric._update_count == metric_before[2]
+    for n, b in net.named_buffers():
+        assert b is originals[n] and torch.equal(b, bits[n]), n
+
+
+def test_buffers_a_batch_norm_never_reads_give_the_per_call_losses():
+    """Not resetting a train-mode BatchNorm's running statistics between calls changes no loss
+    and no gradient, bit for bit, also with momentum=None (num_batches_tracked sets the factor)."""
+    from callbacks.guards import SequentialCalls, buffers_isolated
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2), nn.BatchNorm1d(2, momentum=None)]
+    net = nn.Sequential(*layers)
+    net.train()
+    x, params = torch.randn(16, 3), list(net.parameters())
+    scales = [0.5, 1.0, 2.0, 4.0]
+
+    def loss_at(scale):
+        with torch.no_grad():
+            for p in params:
+                p.mul_(scale)
+        try:
+            loss = net(x).square().mean()
+            return loss.detach(), torch.autograd.grad(loss, params)
+        finally:
+            with torch.no_grad():
+                for p in params:
+                    p.div_(scale)
+
+    fresh = []
+    for scale in scales:
+        with buffers_isolated(net):
+            fresh.append(loss_at(scale))
+    with SequentialCalls(list(net.modules()), []) as calls:
+        assert len(calls._kept) == 6 and not calls._slots
+        for scale, (loss, grads) in zip(scales, fresh):
             with calls.call():
-                assert torch.equal(bn.running_mean, bits["1.running_mean"])
-                assert bn.running_mean is not originals["1.running_mean"]
-                assert torch.equal(net.counter, bits["counter"]) and metric._update_count == metric_before[2]
-                assert torch.equal(net.strided, bits["strided"])
-                net.strided.mul_(3)  # written in place
-                assert torch.equal(metric.mean_value, metric_before[0])
-                out = net(x if how != "nan" else x * float("nan")).sum()
-                net.counter = net.counter + 1  # replaced, not written in place
-                torch.autograd.grad(out, list(net.parameters()))
-                metric.update(out.detach())
-                if how == "raise":
-                    raise RuntimeError("a step size failed")
-        for n, b in net.named_buffers():
-            assert b is originals[n] and torch.equal(b, bits[n]), (i, n)
-        assert torch.equal(metric.mean_value, metric_before[0]) and torch.equal(metric.weight, metric_before[1])
-        assert metric._update_count == metric_before[2]
+                got_loss, got_grads = loss_at(scale)
+            assert torch.equal(got_loss, loss) and all(map(torch.equal, got_grads, grads))
+
+
+def test_metric_state_copies_are_kept_while_the_state_is_unchanged():
+    import torchmetrics
+
+    from callbacks.guards import _MetricStates
+
+    train, val = torchmetrics.MeanMetric(), torchmetrics.MeanMetric()
+    train.update(torch.tensor(1.0))
+    val.update(torch.tensor(5.0))
+    kept: dict = {}
+    first = _MetricStates([train, val], kept)
+    train.update(torch.tensor(3.0))  # training moves on: a state written in place
+    second = _MetricStates([train, val], kept)
+    copies = {(id(e[0]), e[1]): e[2] for e in first._tensors}
+    for mod, attr, saved, _, _ in second._tensors:
+        assert (saved is copies[(id(mod), attr)]) == (mod is val), attr  # reused only for the unchanged metric
+    val.update(torch.tensor(7.0))  # a call updates both
+    train.update(torch.tensor(9.0))
+    second.restore()
+    assert float(train.compute()) == 2.0 and float(val.compute()) == 5.0
 
 
 def test_fused_finiteness_check_agrees_with_the_per_tensor_check():
