@@ -24,8 +24,9 @@ carries their interference, which the best-of fb does not. The reference shows w
 measurement costing exactly its passes and nothing else would score on this machine: above 1
 where the model is so small that Lightning's step between measurements leaves the caches cold
 (and, in the fit column, where the training step itself runs slower after a burst of work).
-The last line divides the callback's hooks by the reference's, measured in the same fits: the
-cost beyond the passes with the machine's state in both.
+The next line divides the callback's hooks by the reference's, measured in the same fits: the
+cost beyond the passes with the machine's state in both. The last line is what an unmeasured
+step costs: a fit with ``every_n_steps=10**9`` minus the fit without the callback.
 Target of issue 16: the callback's hooks ratio <= 1.3 for the MLP and the DLN, <= 1.1 for VGG.
 
     python benchmarks/landscape_cost.py                      # mlp, mlp467, dln, vgg; 1 thread
@@ -259,7 +260,9 @@ def main() -> None:
             keep("with", fit(name, args.norm, args.steps, [callback])[0])
             keep("ref", fit(name, args.norm, args.steps, [_PassesOnly()])[0])
             keep("without", fit(name, args.norm, args.steps, [])[0])
-        unit = K * best["fb"]
+            idle = LandscapeCallback(every_n_steps=10**9, method=args.method, figure_every_n_steps=None)
+            keep("idle", fit(name, args.norm, args.steps, [idle])[0])
+        unit, idle = K * best["fb"], best["idle"] - best["without"]
         print(
             f"{label} (a training step without the callback: {best['without'] / best['fb']:.1f} fb):\n"
             f"  LandscapeCallback     hooks / ({K} x fb) = {best['hooks'] / unit:5.2f}"
@@ -269,7 +272,9 @@ def main() -> None:
             f" (best step {best['ref hooks best'] / unit:4.2f})"
             f"   fit (with - without) / ({K} x fb) = {(best['ref'] - best['without']) / unit:5.2f}\n"
             f"  callback hooks / reference hooks (same fits) = {best['hooks'] / best['ref hooks']:5.2f}"
-            f" (best step {best['hooks best'] / best['ref hooks best']:4.2f})"
+            f" (best step {best['hooks best'] / best['ref hooks best']:4.2f})\n"
+            f"  an unmeasured step (every_n_steps=10**9) - a step without the callback = "
+            f"{idle * 1e6:+.0f} us ({idle / best['fb']:+.2f} fb)"
         )
 
 
