@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks
 from torch.nn.modules.batchnorm import _BatchNorm
 
 _MEASURING = 0
@@ -290,11 +291,14 @@ def _buffers_write_only(mod: nn.Module) -> bool:
     """Whether ``mod``'s forward writes its buffers without reading them into its output: torch's
     BatchNorm forward in train mode (batch statistics; the running ones are only updated, and
     ``num_batches_tracked`` only sets the update's factor), with no hook that could read them.
-    A subclass that overrides ``forward`` may read them, and so may a hook."""
+    A subclass or an instance that overrides ``forward`` may read them, and so may a hook (the
+    module's own or a global one)."""
     return (
         mod.training
         and type(mod).forward in _WRITE_ONLY_FORWARDS
+        and "forward" not in mod.__dict__
         and not (mod._forward_hooks or mod._forward_pre_hooks)
+        and not (_module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
     )
 
 

@@ -536,6 +536,15 @@ def test_buffers_a_batch_norm_never_reads_give_the_per_call_losses():
     for scale in scales:
         with buffers_isolated(net):
             fresh.append(loss_at(scale))
+    # what may read the buffers keeps them reset per call: a forward of the instance, a global hook
+    net[1].forward = lambda x: nn.BatchNorm1d.forward(net[1], x) + net[1].running_mean
+    assert len(SequentialCalls(list(net.modules()), [])._kept) == 3
+    del net[1].forward
+    handle = nn.modules.module.register_module_forward_hook(lambda mod, inp, out: out)
+    try:
+        assert not SequentialCalls(list(net.modules()), [])._kept
+    finally:
+        handle.remove()
     with SequentialCalls(list(net.modules()), []) as calls:
         assert len(calls._kept) == 6 and not calls._slots
         for scale, (loss, grads) in zip(scales, fresh):
