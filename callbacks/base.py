@@ -447,8 +447,13 @@ class MeasurementCallback(pl.Callback):
 
     def _measure_and_write(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> None:
         # One capture of the live streams serves both the comparison and the restore after the
-        # measurement (NumPy's get_state is the costly call; nothing in between draws).
-        live = RNGState.capture()
+        # measurement (NumPy's get_state is the costly call; nothing in between draws). When the
+        # cheap exact check says NumPy's and Python's streams are still at the step's start, the
+        # step's state is the live one there: only the torch streams are captured again.
+        if ctx.rng.host_unchanged():
+            live = ctx.rng.with_live_torch()
+        else:
+            live = RNGState.capture()
         if live.host_same_as(ctx.rng):
             # The training step drew nothing from NumPy/Python: replaying them is a no-op,
             # skip it (the measurement boundary below still restores every stream).

@@ -430,9 +430,9 @@ class _HostRandomClassifier(TinyClassifier):
     """Scales its loss by draws from NumPy's and Python's global generators: in every training
     step (``always``) or only while a measurement re-evaluates it."""
 
-    def __init__(self, always: bool, **kwargs):
+    def __init__(self, always: bool, gauss: bool = False, **kwargs):
         super().__init__(norm="batch", **kwargs)
-        self.always = always
+        self.always, self.gauss = always, gauss
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -443,13 +443,17 @@ class _HostRandomClassifier(TinyClassifier):
 
             import numpy as np
 
-            loss = loss * (1.0 + 0.01 * float(np.random.rand()) + 0.01 * random.random())
+            # randn: NumPy draws gaussians in pairs and caches one, which the next step consumes
+            # without advancing the generator
+            draw = np.random.randn() if self.gauss else np.random.rand()
+            loss = loss * (1.0 + 0.01 * float(draw) + 0.01 * random.random())
         return loss
 
 
 @pytest.mark.filterwarnings("error::callbacks.MeasurementWarning")
+@pytest.mark.parametrize("gauss", [False, True], ids=["uniform", "gaussian"])
 @pytest.mark.parametrize("always", [True, False], ids=["training-draws", "only-measurement-draws"])
-def test_numpy_and_python_random_are_replayed_and_restored_exactly(always):
+def test_numpy_and_python_random_are_replayed_and_restored_exactly(always, gauss):
     """With host draws in the training step the re-evaluation at W_t replays them (bit-identical
     loss and g_t); either way the live NumPy/Python streams after a measured step are those of a
     run without the callback (one capture of the live state serves the check and the restore)."""
@@ -461,14 +465,14 @@ def test_numpy_and_python_random_are_replayed_and_restored_exactly(always):
         torch.manual_seed(0)
         np.random.seed(0)
         random.seed(0)
-        model = _HostRandomClassifier(always)
-        make_trainer(max_steps=2, callbacks=callbacks, logger=RecordingLogger()).fit(model, classification_loader())
+        model = _HostRandomClassifier(always, gauss)
+        make_trainer(max_steps=3, callbacks=callbacks, logger=RecordingLogger()).fit(model, classification_loader())
         return model, np.random.get_state(), random.getstate()
 
     cb = AtWt()
     model, np_state, py_state = run([cb])
     ref, np_ref, py_ref = run([])
-    assert len(cb.rows) == 2
+    assert len(cb.rows) == 3
     if always:
         for ctx, train_loss, loss, loss2, grads in cb.rows:
             assert torch.equal(loss, train_loss) and torch.equal(loss2, train_loss)
@@ -477,3 +481,33 @@ def test_numpy_and_python_random_are_replayed_and_restored_exactly(always):
     assert np_state[2:] == np_ref[2:] and np.array_equal(np_state[1], np_ref[1]) and py_state == py_ref
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+
+
+def test_the_cheap_numpy_check_is_exact_or_declines():
+    """RNGState.numpy_unchanged reads NumPy's raw MT19937 state: True only when the stream is
+    exactly at the captured state, False whenever it moved or cannot tell (a cached gaussian)."""
+    import numpy as np
+
+    from callbacks.rng import RNGState
+
+    np.random.seed(0)
+    state = RNGState.capture()
+    assert state.numpy_unchanged() and state.host_unchanged()
+    np.random.rand()
+    assert not state.numpy_unchanged()
+    state = RNGState.capture()
+    np.random.randn()  # draws a pair, caches one
+    assert not state.numpy_unchanged()
+    cached = RNGState.capture()
+    assert cached.numpy[3] == 1 and not cached.numpy_unchanged()  # with a cached gaussian: declines
+    np.random.randn()  # consumes the cached one: the MT19937 bytes do not move
+    assert not cached.numpy_unchanged() and cached.numpy_bytes == RNGState.capture().numpy_bytes
+    cached.restore()  # the full state is set back, the cached gaussian included
+    again = RNGState.capture()
+    assert again.numpy[3] == 1 and again.numpy[4] == cached.numpy[4]
+    import random
+
+    np.random.seed(1)  # no cached gaussian
+    state = RNGState.capture()
+    random.random()
+    assert state.numpy_unchanged() and not state.host_unchanged()
