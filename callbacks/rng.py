@@ -103,7 +103,7 @@ _MT_STATE_BYTES = 624 * 4 + 4  # numpy's mt19937_state: uint32 key[624], int pos
 
 def _mt19937_bytes() -> bytes | None:
     """The raw state of NumPy's global MT19937 (None if the global generator is another one)."""
-    bit_generator = getattr(np.random.mtrand._rand, "_bit_generator", None)
+    bit_generator = getattr(getattr(np.random.mtrand, "_rand", None), "_bit_generator", None)
     if type(bit_generator) is not np.random.MT19937:
         return None
     return ctypes.string_at(bit_generator.ctypes.state_address, _MT_STATE_BYTES)
