@@ -451,10 +451,11 @@ class MeasurementCallback(pl.Callback):
         # cheap exact check says NumPy's and Python's streams are still at the step's start, the
         # step's state is the live one there: only the torch streams are captured again.
         if ctx.rng.host_unchanged():
-            live = ctx.rng.with_live_torch()
+            live, host_same = ctx.rng.with_live_torch(), True
         else:
             live = RNGState.capture()
-        if live.host_same_as(ctx.rng):
+            host_same = live.host_same_as(ctx.rng)
+        if host_same:
             # The training step drew nothing from NumPy/Python: replaying them is a no-op,
             # skip it (the measurement boundary below still restores every stream).
             ctx.rng = ctx.rng.torch_only()

@@ -183,24 +183,33 @@ class StepContext:
         as much as a layer); None under accumulation, which goes through :meth:`_one_loss`."""
         if self.accumulated:
             return None
-        module, rng, batch = self.pl_module, self.rng, self.batch
-        hook = getattr(module, "measurement_loss", None)
-        if callable(hook):
-            step, args = hook, (batch, self.batch_idx)
-        else:
-            if self._takes_batch_idx is None:
-                self._takes_batch_idx = takes_batch_idx(module.training_step)
-            step = module.training_step
-            args = (batch, self.batch_idx) if self._takes_batch_idx else (batch,)
-        plugin = self.trainer.precision_plugin if self.trainer is not None else None
+        rng, (step, args) = self.rng, self._loss_source(self.batch, self.batch_idx)
 
         def loss() -> Tensor:
             rng.restore()  # the sequential block restores the live streams at its end
-            with calls.call(), plugin.train_step_context() if plugin is not None else contextlib.nullcontext():
+            with calls.call(), self._precision():
                 out = step(*args)
             return extract_loss(out)
 
         return loss
+
+    def _loss_source(self, batch: Any, batch_idx: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """The function the loss comes from and its arguments: ``measurement_loss(batch,
+        batch_idx)`` if the module defines it, else ``training_step`` (with ``batch_idx`` if it
+        takes one, as Lightning decides)."""
+        module = self.pl_module
+        hook = getattr(module, "measurement_loss", None)
+        if callable(hook):
+            return hook, (batch, batch_idx)
+        if self._takes_batch_idx is None:
+            self._takes_batch_idx = takes_batch_idx(module.training_step)
+        return module.training_step, (batch, batch_idx) if self._takes_batch_idx else (batch,)
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """The precision plugin's training context (autocast as in training), entered per call."""
+        if self.trainer is None:  # a context built by hand
+            return contextlib.nullcontext()
+        return self.trainer.precision_plugin.train_step_context()
 
     def _loss_fn(self, batch: Any = _NO_BATCH, batch_idx: int | None = None) -> Tensor:
         if batch is _NO_BATCH and batch_idx is None and self._sequential_step_loss is not None:
@@ -212,9 +221,7 @@ class StepContext:
 
     def _one_loss(self, batch: Any, batch_idx: int, rng: RNGState) -> Tensor:
         module = self.pl_module
-        precision = (
-            self.trainer.precision_plugin.train_step_context() if self.trainer is not None else contextlib.nullcontext()
-        )
+        precision = self._precision()
         # Accumulation sums the graphs of several calls before differentiating: not sequential.
         if self._sequential is not None and not self.accumulated:
             rng.restore()  # the sequential block restores the live streams at its end
@@ -224,8 +231,8 @@ class StepContext:
             buffers = buffers_isolated(module, self._modules("buffers"))
             metrics = metrics_preserved(module, self._modules("metrics"))
         with randomness, buffers, metrics, precision:
-            hook = getattr(module, "measurement_loss", None)
-            out = hook(batch, batch_idx) if callable(hook) else self._training_step(batch, batch_idx)
+            step, args = self._loss_source(batch, batch_idx)
+            out = step(*args)
         return extract_loss(out)
 
     @property
@@ -248,13 +255,6 @@ class StepContext:
             for m, state in live.items():
                 m.load_noise_state(state)
         return total
-
-    def _training_step(self, batch: Any, batch_idx: int) -> Any:
-        if self._takes_batch_idx is None:
-            self._takes_batch_idx = takes_batch_idx(self.pl_module.training_step)
-        if self._takes_batch_idx:
-            return self.pl_module.training_step(batch, batch_idx)
-        return self.pl_module.training_step(batch)
 
     def parameters(self, names: Iterable[str]) -> list[Tensor]:
         """The live parameter tensors named ``names`` (for ``torch.autograd.grad``)."""
