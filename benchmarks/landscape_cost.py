@@ -54,6 +54,7 @@ from callbacks import LandscapeCallback
 from callbacks.context import MicroBatch, StepContext
 from callbacks.guards import measuring
 from callbacks.landscape_math import DEFAULT_LR_MULTIPLIERS
+from callbacks.module_index import ModuleIndex
 from callbacks.rng import RNGState
 from lightning_bn import MLP, VGG, DeepLinearNet
 
@@ -206,9 +207,10 @@ def tight_loop(model_name: str, norm: str, rounds: int) -> float:
     grads = torch.autograd.grad(model.loss_fn(model(x), y), params)
     callback = LandscapeCallback(every_n_steps=1, figure_every_n_steps=None)
     rng = RNGState.capture(host=False)
+    index = ModuleIndex()  # kept from one measurement to the next, as a callback in a fit keeps it
 
     def measure() -> None:
-        ctx = StepContext(None, model, 0, (x, y), 0, rng=rng)
+        ctx = StepContext(None, model, 0, (x, y), 0, rng=rng, index=index)
         ctx.micro_batches.append(MicroBatch((x, y), 0, rng))
         ctx.params_t = {n: p.detach().clone() for n, p in model.named_parameters()}
         ctx.grads_t = {n: g.clone() for (n, _), g in zip(model.named_parameters(), grads)}
