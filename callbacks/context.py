@@ -168,7 +168,7 @@ class StepContext:
                 guarded = stack.enter_context(SequentialCalls(self._modules("buffers"), self._modules("metrics"), kept))
                 # The live streams are put back once, at the end of the block; each call only
                 # replays the step's state (streams the step's state leaves alone stay alone).
-                stack.enter_context(preserved_rng(host=self.rng.numpy is not None))
+                stack.enter_context(preserved_rng(host=self.rng.has_host))
             self._sequential = guarded
             outer_step_loss = self._sequential_step_loss
             self._sequential_step_loss = self._step_loss(guarded) if guarded is not None else None
@@ -391,4 +391,4 @@ def extract_loss(out: Any) -> Tensor:
             "a measurement needs the loss: training_step must return a scalar tensor or a dict with a "
             f"scalar 'loss' (got {type(out).__name__}); or define measurement_loss(batch, batch_idx)"
         )
-    return out.reshape(())
+    return out if out.dim() == 0 else out.reshape(())  # a reshape per call costs a few µs

@@ -32,9 +32,16 @@ def non_finite_names(tensors: Mapping[str, Tensor] | None) -> list[str]:
         return []
     names = list(tensors)
     values = list(tensors.values())
-    if all(v.dtype.is_floating_point for v in values):
-        # A fused pass first: a sum is finite only if every element is (a nan or inf propagates
-        # through it); a finite tensor whose sum overflows falls through to the exact check below.
+    kinds = {(v.dtype, v.device) for v in values}
+    if len(kinds) == 1 and next(iter(kinds))[0].is_floating_point and sum(map(Tensor.numel, values)) <= FLATTEN_NUMEL:
+        # One dtype and device, few elements (the common case): a sum is finite only if every
+        # element is (a nan or inf propagates through it), one sum over the concatenation in
+        # four operations; a finite tensor whose sum overflows falls through to the exact check.
+        with torch.no_grad():
+            if bool(torch.isfinite(_flatten_dense_tensors(values).sum())):
+                return []
+    elif all(v.dtype.is_floating_point for v in values):
+        # The same test per dtype and device, fused where that is cheap (see _group_sums).
         with torch.no_grad():
             if bool(torch.isfinite(torch.cat(_group_sums(values))).all()):
                 return []

@@ -128,7 +128,7 @@ class ICSCallback(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, ctx: StepContext) -> dict[str, Tensor]:
         # One forward at W_{t+1} (the live parameters) gives the parameter order and,
         # since every call before layer i used only updated parameters, the prefix outputs.
-        trace = ForwardTrace(pl_module, keep_outputs=self.share_forward, host_rng=ctx.rng.numpy is not None)
+        trace = ForwardTrace(pl_module, keep_outputs=self.share_forward, host_rng=ctx.rng.has_host)
         with ctx.evaluation(wrt=()) as loss_fn, trace.recording():
             loss_fn()
         g_ref = ctx.grads_t

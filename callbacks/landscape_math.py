@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -423,10 +424,18 @@ def summarize(result: AlongGradient) -> dict[str, float]:
     beta_smoothness = max over eta of ||grad L(W(eta)) - g|| / (eta ||g||); nan if g = 0
     (every W(eta) is W_t, the ratio is undefined). min/max propagate nan, so a diverged eta
     shows up in the log instead of being skipped.
+
+    Computed on the host from one copy of the per-eta values: float64 multiplication and
+    division are correctly rounded there as on the device, so the ratios are bit for bit those
+    of ``diffs / (step_sizes * grad_norm)`` in torch (a dozen tensor operations cost as much as
+    a small model's layer).
     """
-    losses, diffs = result.losses.double(), result.grad_diff_norms.double()
-    ratios = diffs / (result.step_sizes.double().to(diffs.device) * result.grad_norm.double())
-    stats = torch.stack(
-        [losses.min(), losses.max(), diffs.min(), diffs.max(), ratios.max(), result.grad_norm.double().reshape(())]
-    )
-    return dict(zip(SUMMARY_KEYS, stats.tolist()))  # one device-to-host copy
+    k = result.losses.numel()
+    values = [result.losses, result.grad_diff_norms, result.step_sizes, result.grad_norm.reshape(1)]
+    device = result.losses.device
+    host = torch.cat([v.detach().double().to(device) for v in values]).cpu().numpy()
+    losses, diffs, etas, g = host[:k], host[k : 2 * k], host[2 * k : 3 * k], host[3 * k]
+    with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 is inf or nan, as in torch
+        ratios = diffs / (etas * g)
+    stats = [losses.min(), losses.max(), diffs.min(), diffs.max(), ratios.max(), g]  # numpy's min/max propagate nan
+    return dict(zip(SUMMARY_KEYS, map(float, stats)))

@@ -582,6 +582,7 @@ def test_fused_finiteness_check_agrees_with_the_per_tensor_check():
         ({"a": torch.randn(3), "b": torch.randn(2, 2)}, []),
         ({"a": torch.randn(3), "b": torch.tensor([1.0, float("nan")])}, ["b"]),
         ({"a": torch.tensor([float("-inf")]), "b": big}, ["a"]),
+        ({"a": big, "b": big.clone()}, []),  # one group whose sum overflows: finite all the same
         ({"a": big, "h": torch.ones(2, dtype=torch.float16)}, []),
         ({"h": torch.tensor([float("inf")], dtype=torch.float16), "i": torch.ones(2, dtype=torch.int64)}, ["h"]),
         ({"p": nn.Parameter(torch.randn(2))}, []),

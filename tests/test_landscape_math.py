@@ -359,3 +359,36 @@ def test_reduce_covers_the_tensors_outside_the_packed_buffers(rows_bytes, monkey
     torch.testing.assert_close(rank0.losses, full.losses, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(rank0.grad_diff_norms, full.grad_diff_norms, rtol=1e-4, atol=1e-6)
     assert len(sent) == (1 if rows_bytes else len(etas))
+
+
+def _summary_in_torch(result: AlongGradient) -> list[float]:
+    """The statistics as tensor operations (the definition the host computation must match)."""
+    losses, diffs = result.losses.double(), result.grad_diff_norms.double()
+    ratios = diffs / (result.step_sizes.double() * result.grad_norm.double())
+    return [float(v) for v in (losses.min(), losses.max(), diffs.min(), diffs.max(), ratios.max(), result.grad_norm)]
+
+
+@pytest.mark.parametrize(
+    ("losses", "diffs", "g_norm"),
+    [
+        ([0.3, 0.1, 0.7], [0.2, 1e-300, 3.5], 0.7),  # an ordinary measurement
+        ([1.0, 1.0, 1.0], [0.0, 0.0, 0.0], 0.0),  # g = 0: 0 / 0 is nan
+        ([1.0, 2.0, 3.0], [0.0, 1.0, 2.0], 0.0),  # g = 0 with differences: inf
+        ([1.0, float("nan"), 3.0], [0.5, float("nan"), 2.0], 1.3),  # a diverged eta propagates
+        ([float("inf"), 2.0, 3.0], [float("inf"), 1.0, 2.0], 1.3),
+    ],
+)
+def test_summarize_matches_tensor_formula_bit_for_bit(losses, diffs, g_norm):
+    etas = torch.tensor([0.05, 0.1, 0.4], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    noise = 1 + 1e-3 * torch.rand(3, generator=gen, dtype=torch.float64)  # digits beyond the obvious
+    result = AlongGradient(
+        step_sizes=etas,
+        losses=torch.tensor(losses, dtype=torch.float64) * noise,
+        grad_diff_norms=torch.tensor(diffs, dtype=torch.float64) * noise,
+        grad_norm=torch.tensor(g_norm, dtype=torch.float64),
+    )
+    got = list(summarize(result).values())
+    want = _summary_in_torch(result)
+    assert [math.isnan(v) for v in got] == [math.isnan(v) for v in want]
+    assert [v for v in got if not math.isnan(v)] == [v for v in want if not math.isnan(v)]  # exact

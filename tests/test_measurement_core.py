@@ -483,15 +483,18 @@ def test_numpy_and_python_random_are_replayed_and_restored_exactly(always, gauss
         assert torch.equal(p, q)
 
 
-def test_the_cheap_numpy_check_is_exact_or_declines():
-    """RNGState.numpy_unchanged reads NumPy's raw MT19937 state: True only when the stream is
-    exactly at the captured state, False whenever it moved or cannot tell (a cached gaussian)."""
+def test_the_cheap_host_checks_are_exact():
+    """RNGState compares NumPy's and Python's streams through their raw states (rng_raw): True
+    only when a stream is exactly at the captured state, a consumed cached gaussian included."""
+    import random
+
     import numpy as np
 
     from callbacks.rng import RNGState
 
     np.random.seed(0)
     state = RNGState.capture()
+    assert state.numpy_raw is not None and state.python_raw is not None  # read raw on this build
     assert state.numpy_unchanged() and state.host_unchanged()
     np.random.rand()
     assert not state.numpy_unchanged()
@@ -499,15 +502,20 @@ def test_the_cheap_numpy_check_is_exact_or_declines():
     np.random.randn()  # draws a pair, caches one
     assert not state.numpy_unchanged()
     cached = RNGState.capture()
-    assert cached.numpy[3] == 1 and not cached.numpy_unchanged()  # with a cached gaussian: declines
-    np.random.randn()  # consumes the cached one: the MT19937 bytes do not move
-    assert not cached.numpy_unchanged() and cached.numpy_bytes == RNGState.capture().numpy_bytes
+    assert cached.numpy[3] == 1 and cached.numpy_unchanged()
+    np.random.randn()  # consumes the cached one: the MT19937 words do not move, the state does
+    assert not cached.numpy_unchanged() and cached.numpy_raw[:2500] == RNGState.capture().numpy_raw[:2500]
     cached.restore()  # the full state is set back, the cached gaussian included
     again = RNGState.capture()
-    assert again.numpy[3] == 1 and again.numpy[4] == cached.numpy[4]
-    import random
-
-    np.random.seed(1)  # no cached gaussian
+    assert again.numpy[3] == 1 and again.numpy[4] == cached.numpy[4] and again.host_same_as(cached)
     state = RNGState.capture()
     random.random()
-    assert state.numpy_unchanged() and not state.host_unchanged()
+    assert state.numpy_unchanged() and not state.python_unchanged() and not state.host_unchanged()
+    random.seed(5)
+    state = RNGState.capture()
+    random.gauss(0, 1)  # Python caches gauss_next: a raw state that differs in the attribute only
+    cached = RNGState.capture()
+    random.gauss(0, 1)
+    assert not cached.python_unchanged() and not state.python_unchanged()
+    cached.restore()
+    assert cached.python_unchanged() and random.getstate() == cached.python
