@@ -170,8 +170,26 @@ fixed time each: on a small model the per-eta operations cost as much as its for
 
 
 def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tuple[Tensor, Tensor, Tensor]:
-    moved = _MovedParams.reused(workspace, p, g, len(etas))
-    leaves = list(moved.params.values())
+    flat = workspace is None or not workspace.get("per_tensor", False)
+    try:
+        return _loop_once(loss_fn, p, g, bufs, etas, before_each, reduce, workspace, flat)
+    except RuntimeError:
+        if not flat:
+            raise
+    # The loss changed a parameter in place (under no_grad, say), which views of a split do not
+    # allow: the same loop with a leaf per tensor (a copy of each gradient per eta), and from
+    # now on if that runs (an error it raises too was not the views').
+    if workspace is not None:
+        workspace.clear()
+    out = _loop_once(loss_fn, p, g, bufs, etas, before_each, reduce, workspace, flat=False)
+    if workspace is not None:
+        workspace["per_tensor"] = True
+    return out
+
+
+def _loop_once(loss_fn, p, g, bufs, etas, before_each, reduce, workspace, flat) -> tuple[Tensor, Tensor, Tensor]:
+    moved = _MovedParams.reused(workspace, p, g, len(etas), flat)
+    leaves = moved.inputs
     losses, diffs = [], []
     with torch.enable_grad():  # once, not per eta: the loop's own tensor operations need no graph
         for start in range(0, len(etas), moved.rows):
@@ -196,25 +214,28 @@ def _loop(loss_fn, p, g, bufs, etas, before_each, reduce, workspace=None) -> tup
 
 class _MovedParams:
     """W(eta) = W_t - eta g_t for one eta after the other, written in place into one set of
-    leaf tensors (``params``: the same objects at every eta) that the loss closure receives,
-    and the gradients at W(eta) in ``rows`` rows (the loop's etas in chunks of ``rows``).
+    tensors (``params``: the same objects at every eta) that the loss closure receives, and the
+    gradients at W(eta) in ``rows`` rows (the loop's etas in chunks of ``rows``).
 
     Contiguous floating-point tensors of one dtype and device share one buffer, each at a
-    64-byte aligned offset; W_t, g_t, W(eta) and the gradients are packed the same way, into
+    64-byte aligned offset (a fresh allocation's alignment: kernels compute the bits they
+    compute in training); W_t, g_t, W(eta) and the gradients are packed the same way, into
     buffers allocated once per measurement (or kept between measurements, :meth:`reused`).
-    Moving to the next eta is then one add per buffer instead of a fresh copy of every tensor,
-    a gradient one fused copy into its row, and ||grad L(W(eta)) - g_t|| for all rows one
-    subtraction and one norm per buffer instead of five operations per tensor and eta, with no
-    parameter-sized temporary (on CPU each fresh one costs page faults). Element by element it
-    is the same ``torch.add(p, g, alpha=-eta)`` and the same ``grad - g`` as per tensor, so
-    W(eta), the losses and the differences are bit for bit those of a per-tensor computation;
-    only the float64 sum of squares runs in another order. Other tensors (e.g. channels_last
-    weights) keep a leaf of their own layout, so kernels see training's layout.
+    Moving to the next eta is then one add per buffer instead of a fresh copy of every tensor;
+    the gradient with respect to a buffer's one leaf is the padded concatenation of its tensors'
+    gradients, made by autograd and kept as the row without a copy (``flat``; see
+    :class:`_Packed`; with ``flat=False`` a leaf per tensor and one concatenation per eta); and
+    ||grad L(W(eta)) - g_t|| for all rows is one subtraction and one norm per buffer instead of
+    five operations per tensor and eta. Element by element it is the same
+    ``torch.add(p, g, alpha=-eta)`` and the same ``grad - g`` as per tensor, so W(eta), the
+    losses and the differences are bit for bit those of a per-tensor computation; only the
+    float64 sum of squares runs in another order. Other tensors (e.g. channels_last weights)
+    keep a leaf of their own layout, so kernels see training's layout.
     """
 
     _ALIGN_BYTES = 64
 
-    def __init__(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor], rows: int = 1) -> None:
+    def __init__(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor], rows: int = 1, flat: bool = True) -> None:
         names = list(p)
         groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         self._single: list[int] = []
@@ -226,22 +247,26 @@ class _MovedParams:
                 self._single.append(i)
         self.rows = rows
         self._p, self._g = [p[n] for n in names], [g[n] for n in names]
-        self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES, rows) for idx in groups.values()]
+        self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES, rows, flat) for idx in groups.values()]
         #: per row, the other tensors' gradients (flattened), as the loop stores them
         self._single_grads: list[list[Tensor]] = [[] for _ in range(rows)]
-        leaves: list[Tensor | None] = [None] * len(names)
+        params: list[Tensor | None] = [None] * len(names)
+        for b in self._buffers:
+            for i, view in zip(b.idx, b.w_views):
+                params[i] = view
         with torch.no_grad():
-            for b in self._buffers:
-                for i, view in zip(b.idx, b.w_views):
-                    leaves[i] = view.detach().requires_grad_(True)
+            singles = []
             for i in self._single:
                 dtype = torch.result_type(self._p[i], self._g[i])
-                leaves[i] = torch.empty_like(self._p[i], dtype=dtype).requires_grad_(True)
-        self.params: dict[str, Tensor] = dict(zip(names, leaves))
+                params[i] = torch.empty_like(self._p[i], dtype=dtype).requires_grad_(True)
+                singles.append(params[i])
+        self.params: dict[str, Tensor] = dict(zip(names, params))
+        #: what the loop differentiates with respect to: each buffer's leaves, then the others
+        self.inputs: list[Tensor] = [leaf for b in self._buffers for leaf in b.leaves] + singles
 
     @classmethod
     def reused(
-        cls, workspace: dict | None, p: Mapping[str, Tensor], g: Mapping[str, Tensor], num_etas: int
+        cls, workspace: dict | None, p: Mapping[str, Tensor], g: Mapping[str, Tensor], num_etas: int, flat: bool = True
     ) -> _MovedParams:
         """The buffers for ``p``, ``g`` and ``num_etas`` step sizes: one row per eta if their
         gradients fit in :data:`ROWS_BYTES`, else one row. A small model's buffers are kept in
@@ -252,13 +277,13 @@ class _MovedParams:
         nbytes = sum(t.numel() * t.element_size() for t in g.values())
         rows = num_etas if num_etas * nbytes <= ROWS_BYTES else 1
         if workspace is None or rows == 1:
-            return cls(p, g, rows)
-        key = (rows, _layout_key(p, g))
+            return cls(p, g, rows, flat)
+        key = (rows, flat, _layout_key(p, g))
         if workspace.get("key") == key:
             moved = workspace["moved"]
             moved._refill(p, g)
             return moved
-        workspace["key"], workspace["moved"] = key, cls(p, g, rows)
+        workspace["key"], workspace["moved"] = key, cls(p, g, rows, flat)
         return workspace["moved"]
 
     def _refill(self, p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> None:
@@ -269,8 +294,8 @@ class _MovedParams:
 
     def move_to(self, eta: float) -> None:
         """Set ``params`` to W_t - eta g_t (in place, outside autograd)."""
-        for b in self._buffers:  # no tensor here requires grad (the leaves are separate tensors)
-            torch.add(b.p, b.g, alpha=-eta, out=b.w)
+        for b in self._buffers:  # through the alias: it requires no grad and shares no version counter
+            torch.add(b.p, b.g, alpha=-eta, out=b.w_alias)
         if self._single:
             leaves = list(self.params.values())
             with torch.no_grad():  # these leaves require grad themselves
@@ -278,23 +303,24 @@ class _MovedParams:
                     torch.add(self._p[i], self._g[i], alpha=-eta, out=leaves[i])
 
     def store_grads(self, row: int, grads: Sequence[Tensor | None]) -> None:
-        """Keep the gradients (one per tensor of ``params``; None: zeros) in row ``row``."""
+        """Keep the gradients (one per tensor of ``inputs``; None: zeros) in row ``row``."""
+        start = 0
         for b in self._buffers:
-            b.pack(row, grads)
+            b.store(row, grads[start : start + len(b.leaves)])
+            start += len(b.leaves)
         self._single_grads[row] = [
-            torch.zeros_like(self._p[i]).reshape(-1) if grads[i] is None else grads[i].reshape(-1)
-            for i in self._single
+            torch.zeros_like(self._p[i]).reshape(-1) if grad is None else grad.reshape(-1)
+            for i, grad in zip(self._single, grads[start:])
         ]
 
     def reduce_rows(self, reduce: Callable[[Tensor], Tensor], losses: Tensor, k: int) -> Tensor:
         """Replace rows ``0..k-1`` and ``losses`` (k,) by their ``reduce`` (mean over ranks), in
         one collective; returns the reduced losses."""
         singles = [torch.stack([self._single_grads[r][j] for r in range(k)]) for j in range(len(self._single))]
-        stored = [b.grads[:k] for b in self._buffers] + singles
+        stored = [torch.stack(b.rows[:k]) for b in self._buffers] + singles
         losses, reduced = _reduced(reduce, losses, stored)
-        with torch.no_grad():
-            for b, value in zip(self._buffers, reduced):
-                b.grads[:k].copy_(value)
+        for b, value in zip(self._buffers, reduced):
+            b.rows[:k] = list(value.unbind(0))
         for j, value in enumerate(reduced[len(self._buffers) :]):
             for r in range(k):
                 self._single_grads[r][j] = value[r]
@@ -310,7 +336,8 @@ class _MovedParams:
         """||grad - g_t||_2 of rows ``0..k-1``, shape (k,) (the rows are overwritten with the
         difference): the difference in the tensors' dtype, its squares summed in float64."""
         norms = [
-            torch.linalg.vector_norm(b.grads[:k].sub_(b.g), dim=1, dtype=torch.float64) for b in self._buffers
+            torch.linalg.vector_norm(torch.stack(b.rows[:k]).sub_(b.g), dim=1, dtype=torch.float64)
+            for b in self._buffers
         ]
         for j, i in enumerate(self._single):
             stacked = torch.stack([self._single_grads[r][j] for r in range(k)])
@@ -331,10 +358,21 @@ def _layout_key(p: Mapping[str, Tensor], g: Mapping[str, Tensor]) -> tuple:
 class _Packed:
     """Tensors ``idx`` (of one dtype and device) of W_t and g_t packed into 1-D buffers
     ``p`` and ``g``, each tensor at an ``align_bytes`` aligned offset (zeros between), with a
-    buffer ``w`` for W(eta) (``w_views``: the tensors' views into it) and ``rows`` rows of
-    ``grads`` for gradients."""
+    buffer ``w`` for W(eta) and ``rows`` slots for gradients with respect to it.
 
-    def __init__(self, idx: list[int], p: Sequence[Tensor], g: Sequence[Tensor], align_bytes: int, rows: int) -> None:
+    ``w`` is a leaf that requires grad, and ``w_views`` (the tensors' views into it, what the
+    loss closure gets) come from one ``split``: differentiating with respect to ``w`` gives the
+    gradients of all of them as one padded concatenation (autograd's split backward, zeros for
+    the padding and for a view the loss does not reach), kept as a row without a copy. The
+    views are made once; the loop writes each W(eta) through ``w_alias``, a tensor on the same
+    memory that autograd does not know as a view of ``w`` (an in-place write through ``w``
+    itself would invalidate views of a split). That is safe because each eta's graph is made
+    after the write and differentiated before the next one.
+    """
+
+    def __init__(
+        self, idx: list[int], p: Sequence[Tensor], g: Sequence[Tensor], align_bytes: int, rows: int, flat: bool = True
+    ) -> None:
         self.idx = idx
         align = max(1, align_bytes // p[idx[0]].dtype.itemsize)
         zeros = torch.zeros(align, dtype=p[idx[0]].dtype, device=p[idx[0]].device)
@@ -343,39 +381,52 @@ class _Packed:
         for i in idx:
             pad = -p[i].numel() % align
             layout += [i, zeros[:pad]] if pad else [i]
+
         def packed(tensors: Sequence[Tensor]) -> Tensor:
             return _flatten_dense_tensors([tensors[e].reshape(-1) if isinstance(e, int) else e for e in layout])
 
         with torch.no_grad():
             self.p, self.g = packed(p), packed(g)
             self.w = torch.empty_like(self.p)
-            self.grads = torch.zeros(rows, self.p.numel(), dtype=self.p.dtype, device=self.p.device)  # padding stays 0
+            self.w_alias = torch.empty(0, dtype=self.w.dtype, device=self.w.device).set_(
+                self.w.untyped_storage(), self.w.storage_offset(), self.w.shape, self.w.stride()
+            )
         shapes = [p[e] if isinstance(e, int) else e for e in layout]
         keep = [isinstance(e, int) for e in layout]
 
-        def views(flat: Tensor) -> list[Tensor]:
-            return [v for v, k in zip(_unflatten_dense_tensors(flat, shapes), keep) if k]
+        def views(buffer: Tensor) -> list[Tensor]:
+            return [v for v, k in zip(_unflatten_dense_tensors(buffer, shapes), keep) if k]
 
-        self.w_views, self._p_views, self._g_views = views(self.w), views(self.p), views(self.g)
-        self._grad_views = [views(self.grads[r]) for r in range(rows)]
+        if flat:
+            self.w.requires_grad_(True)
+            with torch.enable_grad():
+                pieces = torch.split(self.w, [t.numel() for t in shapes])
+                self.w_views = [
+                    piece if piece.shape == t.shape else piece.view(t.shape)
+                    for piece, t, k in zip(pieces, shapes, keep)
+                    if k
+                ]
+            self.leaves = [self.w]
+        else:  # a leaf per tensor, on w's memory; each gradient is copied into its row
+            self.w_views = [v.detach().requires_grad_(True) for v in views(self.w)]
+            self.leaves = self.w_views
+        self._p_views, self._g_views = views(self.p), views(self.g)
+        self._layout = layout
+        #: the gradients with respect to ``w`` at the etas of a chunk
+        self.rows: list[Tensor] = [zeros] * rows
+
+    def store(self, row: int, grads: Sequence[Tensor | None]) -> None:
+        """Keep the gradients with respect to ``leaves`` (None: zeros) as row ``row``: their
+        padded concatenation (with one leaf, autograd's; else made here in one operation)."""
+        if self.leaves[0] is self.w:
+            self.rows[row] = torch.zeros_like(self.p) if grads[0] is None else grads[0]
+            return
+        by_index = {i: torch.zeros_like(v) if gr is None else gr for i, v, gr in zip(self.idx, self.w_views, grads)}
+        self.rows[row] = _flatten_dense_tensors([by_index[e] if isinstance(e, int) else e for e in self._layout])
 
     def refill(self, p: Sequence[Tensor], g: Sequence[Tensor]) -> None:
         """Copy new W_t and g_t (same layout) into ``p`` and ``g``."""
         torch._foreach_copy_(self._p_views + self._g_views, [p[i] for i in self.idx] + [g[i] for i in self.idx])
-
-    def pack(self, row: int, grads: Sequence[Tensor | None]) -> None:
-        """Write the gradients of this buffer's tensors into row ``row`` (None: zeros): the bits
-        of their padded concatenation, in one fused copy."""
-        # Neither the rows nor gradients taken without create_graph require grad: no no_grad().
-        views, parts = self._grad_views[row], [grads[i] for i in self.idx]
-        if any(t is None for t in parts):  # a parameter the loss does not reach: zero gradient
-            for view, t in zip(views, parts):
-                if t is None:
-                    view.zero_()
-            views = [v for v, t in zip(views, parts) if t is not None]
-            parts = [t for t in parts if t is not None]
-        if parts:
-            torch._foreach_copy_(views, parts)
 
 
 def _batched(loss_fn, p, g, bufs, etas, before_each, reduce) -> tuple[Tensor, Tensor]:

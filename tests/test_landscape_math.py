@@ -285,26 +285,34 @@ def test_loop_is_the_per_tensor_computation(rows_bytes, monkeypatch):
     assert model.conv.weight.is_contiguous(memory_format=torch.channels_last) and model.c.weight is model.b.weight
 
 
-def test_packed_gradients_are_the_concatenation_also_with_unreached_parameters():
-    """store_grads writes every gradient into its view of its row (one fused copy); a None
-    gradient (a parameter the loss does not reach) is zeros. Both give the padded
-    concatenation bit for bit, in every row, at every call."""
+def test_one_leaf_per_buffer_gives_the_padded_concatenation_of_the_gradients():
+    """The loop differentiates with respect to one leaf per buffer, through views made once:
+    at every eta (written through the alias, the same eta twice included) the views hold
+    W_t - eta g_t bit for bit, and the gradient is the padded concatenation of the views'
+    gradients, zeros for the padding and for a view the loss does not reach."""
     from callbacks.landscape_math import _MovedParams
 
     torch.manual_seed(0)
-    shapes = [(3, 5), (7,), (2, 2, 3)]
+    shapes = [(3, 5), (7,), (2, 2, 3)]  # 15, 7 and 12 floats: padded to 16 each (64 bytes)
     p = {f"p{i}": torch.randn(s) for i, s in enumerate(shapes)}
     g = {n: torch.randn_like(t) for n, t in p.items()}
     moved = _MovedParams(p, g, rows=2)
     (packed,) = moved._buffers
-    for grads in ([torch.randn(s) for s in shapes], [torch.randn(shapes[0]), None, torch.randn(shapes[2])]):
-        for row in (0, 1, 1):
-            moved.store_grads(row, grads)
-            parts = [torch.zeros(t.numel()) if gr is None else gr.reshape(-1) for gr, t in zip(grads, p.values())]
-            for part, view in zip(parts, packed._grad_views[row]):
-                assert torch.equal(view.reshape(-1), part)
-            flat = packed.grads[row]
-            assert float(flat.abs().sum()) == pytest.approx(float(sum(q.abs().sum() for q in parts)), rel=1e-6)
+    assert moved.inputs == [packed.w] and packed.w.numel() == 48
+    for row, eta in enumerate((0.1, 0.7, 0.7)):
+        row %= 2
+        moved.move_to(eta)
+        views = list(moved.params.values())
+        for view, n in zip(views, p):
+            assert torch.equal(view.detach(), torch.add(p[n], g[n], alpha=-eta)) and view.shape == p[n].shape
+        with torch.enable_grad():
+            loss = (views[0] ** 2).sum() + (3 * views[2]).sum()  # p1 is not reached
+            grads = torch.autograd.grad(loss, moved.inputs, allow_unused=True)
+        moved.store_grads(row, grads)
+        expected = torch.cat(
+            [2 * views[0].detach().reshape(-1), torch.zeros(1 + 16), torch.full((12,), 3.0), torch.zeros(4)]
+        )
+        assert torch.equal(packed.rows[row], expected)
 
 
 def test_workspace_keeps_a_small_models_buffers_with_the_values_of_fresh_ones():
@@ -392,3 +400,56 @@ def test_summarize_matches_tensor_formula_bit_for_bit(losses, diffs, g_norm):
     want = _summary_in_torch(result)
     assert [math.isnan(v) for v in got] == [math.isnan(v) for v in want]
     assert [v for v in got if not math.isnan(v)] == [v for v in want if not math.isnan(v)]  # exact
+
+
+def test_a_loss_that_changes_a_parameter_in_place_runs_with_a_leaf_per_tensor():
+    """Views of a split refuse a parameter changed in place inside the loss (a clamp under
+    no_grad, say): the loop then runs again with a leaf per tensor, and keeps doing so for
+    this workspace; the values are those of fresh tensors at every eta."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = _batch()
+
+    def loss_fn(p, b):
+        with torch.no_grad():
+            p["0.weight"].clamp_(-0.3, 0.3)
+        return nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    params = {n: t.detach().clone() for n, t in model.named_parameters()}
+    g = {n: torch.randn_like(t) for n, t in params.items()}
+    etas = (0.1, 0.5)
+    losses, diffs = [], []
+    for eta in etas:
+        moved = {n: torch.add(params[n], g[n], alpha=-eta).requires_grad_(True) for n in params}
+        loss = loss_fn(moved, {})
+        at = torch.autograd.grad(loss, list(moved.values()))
+        losses.append(loss.detach().double())
+        diffs.append(torch.sqrt(sum(((a - g[n]).double() ** 2).sum() for a, n in zip(at, moved))))
+    workspace: dict = {}
+    for _ in range(2):  # the first call falls back, the second starts with a leaf per tensor
+        out = evaluate_along_gradient(loss_fn, params, g, etas, workspace=workspace)
+        assert torch.equal(out.losses, torch.stack(losses))
+        torch.testing.assert_close(out.grad_diff_norms, torch.stack(diffs), rtol=1e-12, atol=0)
+        assert workspace["per_tensor"] is True
+    fresh = evaluate_along_gradient(loss_fn, params, g, etas)  # no workspace: the same fallback
+    assert torch.equal(fresh.losses, out.losses) and torch.equal(fresh.grad_diff_norms, out.grad_diff_norms)
+
+
+def test_a_leaf_per_tensor_stores_the_same_rows_as_one_leaf_per_buffer():
+    from callbacks.landscape_math import _MovedParams
+
+    torch.manual_seed(0)
+    shapes = [(3, 5), (7,), (2, 2, 3)]
+    p = {f"p{i}": torch.randn(s) for i, s in enumerate(shapes)}
+    g = {n: torch.randn_like(t) for n, t in p.items()}
+    rows = []
+    for flat in (True, False):
+        moved = _MovedParams(p, g, rows=1, flat=flat)
+        moved.move_to(0.3)
+        views = list(moved.params.values())
+        with torch.enable_grad():
+            loss = (views[0] ** 2).sum() + (3 * views[2]).sum()  # p1 is not reached
+            moved.store_grads(0, torch.autograd.grad(loss, moved.inputs, allow_unused=True))
+        rows.append(moved._buffers[0].rows[0])
+        assert len(moved.inputs) == (1 if flat else 3)
+    assert torch.equal(rows[0], rows[1])
