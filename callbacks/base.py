@@ -64,7 +64,7 @@ from torch import Tensor
 
 from callbacks.context import MicroBatch, StepContext, extract_loss
 from callbacks.distributed import all_reduce_mean, is_global_zero, world_size
-from callbacks.finite import NonFiniteError, non_finite_names
+from callbacks.finite import NonFiniteError, all_finite, non_finite_names
 from callbacks.guards import measuring
 from callbacks.module_index import ModuleIndex
 from callbacks.rng import RNGState, preserved_rng
@@ -497,10 +497,15 @@ class MeasurementCallback(pl.Callback):
         loss = getattr(ctx, "train_loss", None)
         if loss is not None and world_size() > 1:
             loss = all_reduce_mean(loss.detach().double())
+        # One fused check over the loss and all three groups (one host sync); only if it fails,
+        # the loss or the names of the first group that holds a non-finite tensor, as a check
+        # per group in this order would report.
+        groups = (ctx._named(), ctx.params_t or {}, ctx.grads_t or {})
+        tensors = [t for group in groups for t in group.values()]
+        if all_finite(tensors if loss is None else [loss, *tensors]):
+            return None
         if loss is not None and not bool(torch.isfinite(loss)):
             return f"non-finite training loss ({float(loss):g})"
-        # One fused check over all three (one host sync); the names of the first group that
-        # holds a non-finite tensor, as a check per group in this order would report.
         merged = {
             (label, name): t
             for label, tensors in (("parameters", ctx.named_live()), ("W_t", ctx.params_t), ("g_t", ctx.grads_t))

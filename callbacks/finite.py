@@ -8,7 +8,7 @@ fixed sample, which no check of the training step sees) raises :class:`NonFinite
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -26,27 +26,32 @@ sum over their concatenation (one operation instead of one per tensor; a tempora
 most 16 MB in float32); larger groups per tensor."""
 
 
+def all_finite(values: Sequence[Tensor]) -> bool:
+    """Whether every element of ``values`` is finite, decided cheaply where that is exact: True
+    means all are finite; False means some may not be (a non-finite element, or a finite
+    tensor whose sum overflows): then ask :func:`non_finite_names`. One host sync."""
+    if not values:
+        return True
+    kinds = {(v.dtype, v.device) for v in values}
+    with torch.no_grad():
+        if len(kinds) == 1 and sum(map(Tensor.numel, values)) <= FLATTEN_NUMEL:
+            # One dtype and device, few elements (the common case): a sum is finite only if
+            # every element is (a nan or inf propagates through it), in four operations.
+            if next(iter(kinds))[0].is_floating_point:
+                return bool(torch.isfinite(_flatten_dense_tensors(list(values)).sum()))
+        elif all(dtype.is_floating_point for dtype, _ in kinds):
+            # The same test per dtype and device, fused where that is cheap (see _group_sums).
+            return bool(torch.isfinite(torch.cat(_group_sums(list(values)))).all())
+    return False
+
+
 def non_finite_names(tensors: Mapping[str, Tensor] | None) -> list[str]:
     """Names of the tensors holding an inf or nan (one host sync for all of them)."""
-    if not tensors:
+    if not tensors or all_finite(list(tensors.values())):
         return []
     names = list(tensors)
-    values = list(tensors.values())
-    kinds = {(v.dtype, v.device) for v in values}
-    if len(kinds) == 1 and next(iter(kinds))[0].is_floating_point and sum(map(Tensor.numel, values)) <= FLATTEN_NUMEL:
-        # One dtype and device, few elements (the common case): a sum is finite only if every
-        # element is (a nan or inf propagates through it), one sum over the concatenation in
-        # four operations; a finite tensor whose sum overflows falls through to the exact check.
-        with torch.no_grad():
-            if bool(torch.isfinite(_flatten_dense_tensors(values).sum())):
-                return []
-    elif all(v.dtype.is_floating_point for v in values):
-        # The same test per dtype and device, fused where that is cheap (see _group_sums).
-        with torch.no_grad():
-            if bool(torch.isfinite(torch.cat(_group_sums(values))).all()):
-                return []
     with torch.no_grad():
-        flags = torch.stack([torch.isfinite(v).all() for v in values])
+        flags = torch.stack([torch.isfinite(v).all() for v in tensors.values()])
     if bool(flags.all()):
         return []
     return [n for n, ok in zip(names, flags.tolist()) if not ok]

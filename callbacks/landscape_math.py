@@ -28,7 +28,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -476,17 +475,35 @@ def summarize(result: AlongGradient) -> dict[str, float]:
     (every W(eta) is W_t, the ratio is undefined). min/max propagate nan, so a diverged eta
     shows up in the log instead of being skipped.
 
-    Computed on the host from one copy of the per-eta values: float64 multiplication and
-    division are correctly rounded there as on the device, so the ratios are bit for bit those
-    of ``diffs / (step_sizes * grad_norm)`` in torch (a dozen tensor operations cost as much as
-    a small model's layer).
+    Computed on the host, in Python floats, from one copy of the per-eta values: float64
+    multiplication and division are correctly rounded there as on the device, so the ratios
+    are bit for bit those of ``diffs / (step_sizes * grad_norm)`` in torch (a dozen tensor
+    operations cost as much as a small model's layer).
     """
     k = result.losses.numel()
     values = [result.losses, result.grad_diff_norms, result.step_sizes, result.grad_norm.reshape(1)]
     device = result.losses.device
-    host = torch.cat([v.detach().double().to(device) for v in values]).cpu().numpy()
+    host = torch.cat([v.detach().double().to(device) for v in values]).tolist()
     losses, diffs, etas, g = host[:k], host[k : 2 * k], host[2 * k : 3 * k], host[3 * k]
-    with np.errstate(divide="ignore", invalid="ignore"):  # x / 0 is inf or nan, as in torch
-        ratios = diffs / (etas * g)
-    stats = [losses.min(), losses.max(), diffs.min(), diffs.max(), ratios.max(), g]  # numpy's min/max propagate nan
-    return dict(zip(SUMMARY_KEYS, map(float, stats)))
+    ratios = [_ieee_div(d, e * g) for d, e in zip(diffs, etas)]
+    stats = [min_(losses), max_(losses), min_(diffs), max_(diffs), max_(ratios), g]
+    return dict(zip(SUMMARY_KEYS, stats))
+
+
+def _ieee_div(a: float, b: float) -> float:
+    """a / b as IEEE 754 (and torch) define it, also for b = 0 (Python raises there)."""
+    if b != 0:
+        return a / b
+    if a == 0 or math.isnan(a):
+        return math.nan
+    return math.copysign(math.inf, a) * math.copysign(1.0, b)
+
+
+def min_(values: Sequence[float]) -> float:
+    """min that propagates nan, as torch's does."""
+    return math.nan if any(map(math.isnan, values)) else min(values)
+
+
+def max_(values: Sequence[float]) -> float:
+    """max that propagates nan, as torch's does."""
+    return math.nan if any(map(math.isnan, values)) else max(values)

@@ -575,7 +575,7 @@ def test_metric_state_copies_are_kept_while_the_state_is_unchanged():
 
 
 def test_fused_finiteness_check_agrees_with_the_per_tensor_check():
-    from callbacks.finite import non_finite_names
+    from callbacks.finite import all_finite, non_finite_names
 
     big = torch.full((4,), 3e38)  # finite, but its 1-norm overflows: the exact check decides
     cases = [
@@ -589,6 +589,9 @@ def test_fused_finiteness_check_agrees_with_the_per_tensor_check():
     ]
     for tensors, bad in cases:
         assert non_finite_names(tensors) == bad
+    # the cheap test: True only when every element is finite; False also for an overflowing sum
+    assert all_finite([]) and all_finite([torch.randn(3), torch.tensor(2.0)])
+    assert not all_finite([torch.randn(3), torch.tensor([float("nan")])]) and not all_finite([big, big])
 
 
 def test_the_tensorboard_figure_legend_names_the_run():
