@@ -366,7 +366,9 @@ class _Packed:
     views are made once; the loop writes each W(eta) through ``w_alias``, a tensor on the same
     memory that autograd does not know as a view of ``w`` (an in-place write through ``w``
     itself would invalidate views of a split). That is safe because each eta's graph is made
-    after the write and differentiated before the next one.
+    after the write and differentiated before the next one. The views are not leaves: a loss
+    that reads ``param.grad`` gets PyTorch's warning about a non-leaf's ``.grad`` (None), as
+    it would get None from the per-tensor leaves.
     """
 
     def __init__(
