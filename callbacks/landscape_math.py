@@ -332,8 +332,8 @@ class _MovedParams:
         return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
     def diff_norms(self, k: int) -> Tensor:
-        """||grad - g_t||_2 of rows ``0..k-1``, shape (k,) (the rows are overwritten with the
-        difference): the difference in the tensors' dtype, its squares summed in float64."""
+        """||grad - g_t||_2 of rows ``0..k-1``, shape (k,): the difference (of the rows stacked,
+        in place on the stack) in the tensors' dtype, its squares summed in float64."""
         norms = [
             torch.linalg.vector_norm(torch.stack(b.rows[:k]).sub_(b.g), dim=1, dtype=torch.float64)
             for b in self._buffers
@@ -488,7 +488,7 @@ def summarize(result: AlongGradient) -> dict[str, float]:
     host = torch.cat([v.detach().double().to(device) for v in values]).tolist()
     losses, diffs, etas, g = host[:k], host[k : 2 * k], host[2 * k : 3 * k], host[3 * k]
     ratios = [_ieee_div(d, e * g) for d, e in zip(diffs, etas)]
-    stats = [min_(losses), max_(losses), min_(diffs), max_(diffs), max_(ratios), g]
+    stats = [_nan_min(losses), _nan_max(losses), _nan_min(diffs), _nan_max(diffs), _nan_max(ratios), g]
     return dict(zip(SUMMARY_KEYS, stats))
 
 
@@ -501,11 +501,11 @@ def _ieee_div(a: float, b: float) -> float:
     return math.copysign(math.inf, a) * math.copysign(1.0, b)
 
 
-def min_(values: Sequence[float]) -> float:
+def _nan_min(values: Sequence[float]) -> float:
     """min that propagates nan, as torch's does."""
     return math.nan if any(map(math.isnan, values)) else min(values)
 
 
-def max_(values: Sequence[float]) -> float:
+def _nan_max(values: Sequence[float]) -> float:
     """max that propagates nan, as torch's does."""
     return math.nan if any(map(math.isnan, values)) else max(values)

@@ -25,6 +25,7 @@ import ctypes
 import functools
 import random
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,10 +35,24 @@ _MT_BYTES = _N * 4 + 4  # numpy's mt19937_state: uint32 key[624], int pos
 _PY_BYTES = 4 + _N * 4  # CPython's RandomObject: int index, uint32_t state[624]
 
 
-def _find(obj: object, pattern: bytes, span: int) -> int | None:
-    raw = ctypes.string_at(id(obj), span)
-    at = raw.find(pattern)
-    return None if at < 0 or raw.find(pattern, at + 1) >= 0 else at
+def _int_offset(
+    probe: object, setter: Callable[[Any], Any], states: list[tuple[Any, bytes, int]], before: int
+) -> int | None:
+    """Where an int sits in ``probe``'s memory, ``before`` bytes ahead of a known pattern: for
+    each (state, pattern, int) the probe is set through its public ``setter``, the pattern must
+    occur once in its memory and the int right where expected; the offset is the int's, and
+    the same for every state (None if anything does not match)."""
+    offsets = set()
+    for state, pattern, expected in states:
+        setter(state)
+        raw = ctypes.string_at(id(probe), type(probe).__basicsize__)
+        at = raw.find(pattern)
+        if at < before or raw.find(pattern, at + 1) >= 0:
+            return None
+        if struct.unpack_from("<i", raw, at - before)[0] != expected:
+            return None
+        offsets.add(at - before)
+    return offsets.pop() if len(offsets) == 1 else None
 
 
 @functools.cache
@@ -45,14 +60,11 @@ def _numpy_gauss_offset() -> int | None:
     """Offset of ``has_gauss`` (an int, ``gauss`` a double 8 bytes after it) in a ``RandomState``."""
     probe = np.random.RandomState(0)
     name, key, pos = probe.get_state()[:3]
-    offsets = []
-    for has, value in ((1, 0.8414709848078965), (0, -1.2599210498948732)):
-        probe.set_state((name, key, pos, has, value))
-        at = _find(probe, struct.pack("<d", value), type(probe).__basicsize__)
-        if at is None or at < 8 or struct.unpack("<i", ctypes.string_at(id(probe) + at - 8, 4))[0] != has:
-            return None
-        offsets.append(at - 8)
-    return offsets[0] if offsets[0] == offsets[1] else None
+    states = [
+        ((name, key, pos, has, value), struct.pack("<d", value), has)
+        for has, value in ((1, 0.8414709848078965), (0, -1.2599210498948732))
+    ]
+    return _int_offset(probe, probe.set_state, states, before=8)
 
 
 @functools.cache
@@ -60,14 +72,12 @@ def _python_offset() -> int | None:
     """Offset of ``index`` (an int, the 624 state words right after it) in a ``random.Random``."""
     probe = random.Random(0)
     version, internal, _ = probe.getstate()
-    offsets = []
-    for words, index in (((0xDEADBEEF, 0x01234567, 0x89ABCDEF), 17), ((0x0BADF00D, 0x76543210, 0xFEDCBA98), 601)):
-        probe.setstate((version, words + internal[3:_N] + (index,), None))
-        at = _find(probe, struct.pack("<3I", *words), type(probe).__basicsize__)
-        if at is None or at < 4 or struct.unpack("<i", ctypes.string_at(id(probe) + at - 4, 4))[0] != index:
-            return None
-        offsets.append(at - 4)
-    return offsets[0] if offsets[0] == offsets[1] else None
+    marks = (((0xDEADBEEF, 0x01234567, 0x89ABCDEF), 17), ((0x0BADF00D, 0x76543210, 0xFEDCBA98), 601))
+    states = [
+        ((version, words + internal[3:_N] + (index,), None), struct.pack("<3I", *words), index)
+        for words, index in marks
+    ]
+    return _int_offset(probe, probe.setstate, states, before=4)
 
 
 def numpy_raw() -> bytes | None:
