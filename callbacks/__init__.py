@@ -10,6 +10,7 @@ from callbacks.guards import is_measuring
 from callbacks.hessian import HessianCallback
 from callbacks.ics import ICSCallback
 from callbacks.landscape import LandscapeCallback
+from callbacks.norm_curvature import NormCurvatureCallback
 from callbacks.norm_gradient import NormGradientCallback
 from callbacks.schedule import Schedule
 from callbacks.sharpness import KeskarSharpnessCallback
@@ -22,6 +23,7 @@ __all__ = [
     "LandscapeCallback",
     "MeasurementCallback",
     "MeasurementWarning",
+    "NormCurvatureCallback",
     "NormGradientCallback",
     "Schedule",
     "StepContext",

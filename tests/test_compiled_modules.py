@@ -30,6 +30,7 @@ from callbacks import (
     ICSCallback,
     KeskarSharpnessCallback,
     LandscapeCallback,
+    NormCurvatureCallback,
 )
 from tests._tiny_modules import (  # noqa: F401  (one_thread: fixture)
     RecordingLogger,
@@ -42,7 +43,7 @@ from tests._tiny_modules import (  # noqa: F401  (one_thread: fixture)
 pytestmark = [pytest.mark.filterwarnings("error::callbacks.MeasurementWarning"), pytest.mark.usefixtures("one_thread")]
 
 STEPS = 3
-PREFIXES = ("ics/", "landscape/", "activations/", "hessian/", "sharpness/")
+PREFIXES = ("ics/", "landscape/", "activations/", "hessian/", "sharpness/", "normcurv/")
 
 
 class CompiledClassifier(TinyClassifier):
@@ -61,6 +62,7 @@ def _callbacks():
         ActivationStatsCallback(every_n_steps=1, histograms=False),
         HessianCallback(max_iter=30, num_batches=1, every_n_steps=1),
         KeskarSharpnessCallback(max_iter=3, num_batches=1, every_n_steps=1),
+        NormCurvatureCallback(every_n_steps=1),
     ]
 
 

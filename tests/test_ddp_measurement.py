@@ -11,7 +11,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader, DistributedSampler
 
-from callbacks import ActivationStatsCallback, ICSCallback, MeasurementCallback
+from callbacks import ActivationStatsCallback, ICSCallback, MeasurementCallback, NormCurvatureCallback
 from tests._tiny_modules import EndProcessGroup, TinyConvNet, image_loader
 
 pytestmark = [pytest.mark.ddp, pytest.mark.slow]
@@ -59,6 +59,7 @@ def _run(tmp_path, devices: int) -> tuple[dict[str, dict[int, float]], EventAccu
             ICSCallback(every_n_steps=1),
             ActivationStatsCallback(every_n_steps=1),
             SampleLoss(every_n_steps=1),
+            NormCurvatureCallback(every_n_steps=1),
             *([EndProcessGroup()] if devices > 1 else []),
         ],
         enable_checkpointing=False,
@@ -84,10 +85,15 @@ def test_two_processes_log_the_values_of_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned workers share 2 cores
     single, single_events = _run(tmp_path, devices=1)
     double, double_events = _run(tmp_path, devices=2)
-    measured = [k for k in single if k.startswith(("ics/", "activations/", "probe/"))]
-    assert {"ics/net.0/cosine", "activations/net.5/std", "activations/net.1/mean_drift", "probe/sample_loss"} <= set(
-        measured
-    )
+    measured = [k for k in single if k.startswith(("ics/", "activations/", "probe/", "normcurv/"))]
+    assert {
+        "ics/net.0/cosine",
+        "activations/net.5/std",
+        "activations/net.1/mean_drift",
+        "probe/sample_loss",
+        "normcurv/net.1/quad_in",
+        "normcurv/net.5/curv_ratio",
+    } <= set(measured)
     for key in measured:
         assert double[key].keys() == single[key].keys(), key
         for step, value in single[key].items():

@@ -24,6 +24,7 @@ from callbacks import (
     KeskarSharpnessCallback,
     LandscapeCallback,
     MeasurementWarning,
+    NormCurvatureCallback,
 )
 from tests._tiny_modules import (  # noqa: F401  (one_thread: fixture)
     RecordingLogger,
@@ -56,6 +57,20 @@ CLASSIFIER_KEYS = {
         "sharpness/keskar_eps0.0005_at_bound",
         "sharpness/loss",
     ],
+    NormCurvatureCallback: [
+        f"normcurv/net.{i}/{s}"
+        for i in (1, 4)
+        for s in (
+            "quad_in",
+            "quad_out",
+            "quad_chain",
+            "norm_term",
+            "curv_in",
+            "curv_out",
+            "curv_ratio",
+            "norm_term_paper",
+        )
+    ],
 }
 # written from the second measurement on: at every step >= 1
 DRIFT_KEYS = [f"activations/net.{i}/{s}" for i in (1, 4) for s in ("mean_drift", "std_drift")]
@@ -68,6 +83,7 @@ def _callbacks(activation_layers=None):
         ActivationStatsCallback(every_n_steps=1, layers=activation_layers, histograms=False),
         HessianCallback(max_iter=30, num_batches=1, every_n_steps=1),
         KeskarSharpnessCallback(max_iter=2, num_batches=1, every_n_steps=1),
+        NormCurvatureCallback(every_n_steps=1, layers=activation_layers),
     ]
 
 
@@ -194,6 +210,11 @@ def test_huge_learning_rate_diverges_without_crash_and_logs_nan_after():
         ActivationStatsCallback: [f"activations/layers.{i}/{s}" for i in (1, 2) for s in ("mean", "std")],
         HessianCallback: CLASSIFIER_KEYS[HessianCallback],
         KeskarSharpnessCallback: CLASSIFIER_KEYS[KeskarSharpnessCallback],
+        NormCurvatureCallback: [
+            f"normcurv/layers.{i}/{s}"
+            for i in (1, 2)
+            for s in ("quad_in", "quad_out", "quad_chain", "norm_term", "curv_in", "curv_out", "curv_ratio")
+        ],
     }
     for cb in callbacks:
         for key in keys[type(cb)]:

@@ -254,6 +254,45 @@ def test_noisy_op_second_derivatives_by_finite_differences():
 
 
 @needs_compiler
+@pytest.mark.parametrize("op", ["lp", "noisy"])
+@pytest.mark.parametrize("wants", [(True, False, False), (False, True, False), (True, False, True)])
+def test_double_backward_when_only_some_inputs_need_a_gradient(op, wants):
+    """Hessian-vector products with respect to activations alone (frozen affine parameters) or to
+    the parameters of a norm that sees data directly: the double-backward path asks autograd only
+    for the inputs that need a gradient (it used to ask for all three, and autograd refused)."""
+    assert kernels.available()
+    torch.manual_seed(0)
+    x, w, b = (t.detach().requires_grad_(want) for t, want in zip(_lp_inputs((6, 3), torch.float64, True), wants))
+    if op == "lp":
+        fn = lambda x, w, b: torch.ops.lightning_bn.lp_norm(x, w, b, None, None, 0.0, False, 1e-5)  # noqa: E731
+    else:
+        layer = create_norm("noisy_batch", 3).double()
+        layer(x.detach())  # draw a realization, then replay it
+        noise = (layer.noise, layer.noise_low, layer.noise_span, True)
+        fn = lambda x, w, b: torch.ops.lightning_bn.noisy_batch_norm(x, w, b, *noise, None, None, None, 0.1, 1e-5)  # noqa: E731
+    needed = [t for t in (x, w, b) if t.requires_grad]
+
+    def of_needed(*args):
+        it = iter(args)
+        return fn(*(next(it) if t.requires_grad else t for t in (x, w, b)))
+
+    g = torch.randn(6, 3, dtype=torch.float64)
+    assert torch.autograd.gradgradcheck(of_needed, tuple(needed))
+    (first,) = torch.autograd.grad((fn(x, w, b) * g).sum(), needed[:1], create_graph=True)
+    # the double backward's graph exists where the gradient depends on the inputs (y is linear
+    # in gamma and beta: with x fixed the second derivative is zero)
+    assert first.requires_grad or not x.requires_grad
+    if op == "lp" and x.requires_grad:  # and equals the plain definition's
+        ref = lp_normalize_reference(x, w, b, 1, 1e-5)[0]
+        (ref_first,) = torch.autograd.grad((ref * g).sum(), needed[:1], create_graph=True)
+        v = torch.randn_like(first)
+        got = torch.autograd.grad(first, needed, v, allow_unused=True)
+        want = torch.autograd.grad(ref_first, needed, v, allow_unused=True)
+        for a, e in zip(got, want):
+            torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-12)
+
+
+@needs_compiler
 @pytest.mark.parametrize("norm, kwargs", [("lp", {"p": 1}), ("noisy_batch", {})])
 def test_layers_run_under_no_grad_and_inference_mode(norm, kwargs):
     assert kernels.available()

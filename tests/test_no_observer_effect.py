@@ -11,7 +11,13 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from callbacks import ActivationStatsCallback, ICSCallback, LandscapeCallback, MeasurementCallback
+from callbacks import (
+    ActivationStatsCallback,
+    ICSCallback,
+    LandscapeCallback,
+    MeasurementCallback,
+    NormCurvatureCallback,
+)
 from tests._tiny_modules import (  # noqa: F401  (one_thread: fixture)
     RecordingLogger,
     TinyClassifier,
@@ -58,6 +64,7 @@ def _all_callbacks():
         ActivationStatsCallback(every_n_steps=1),
         CoreProbe(every_n_steps=1),
         LandscapeCallback(every_n_steps=1, figure_every_n_steps=2),
+        NormCurvatureCallback(every_n_steps=1),
     ]
 
 
@@ -116,7 +123,14 @@ def test_fit_with_all_callbacks_is_bit_identical(name, tmp_path):
     assert torch.equal(rng, ref_rng)
     # the module's own logging (train/loss per step, torchmetrics train/acc per epoch) is unchanged
     own = [
-        (step, {k: v for k, v in m.items() if not k.startswith(("ics/", "activations/", "probe/", "landscape/"))})
+        (
+            step,
+            {
+                k: v
+                for k, v in m.items()
+                if not k.startswith(("ics/", "activations/", "probe/", "landscape/", "normcurv/"))
+            },
+        )
         for step, m in log.records
     ]
     assert [r for r in own if r[1]] == ref_log.records
@@ -144,7 +158,7 @@ def _fit_with(make_model, loader, callbacks, tmp_path, **trainer_kwargs):
     return model, trainer, recorder, torch.get_rng_state()
 
 
-def _assert_same_end_state(run, ref_run, prefixes=("ics/", "activations/", "probe/", "landscape/")):
+def _assert_same_end_state(run, ref_run, prefixes=("ics/", "activations/", "probe/", "landscape/", "normcurv/")):
     """Parameters, buffers, every optimizer's state, torch RNG, module modes and the module's own
     logging of ``run`` are bit-identical to those of ``ref_run`` (the fit without callbacks)."""
     (model, trainer, log, rng), (ref_model, ref_trainer, ref_log, ref_rng) = run, ref_run

@@ -48,6 +48,7 @@ NAME = "lightning_bn_kernels"
 MODES = ("auto", "off", "require")
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("lp_flat_kernels.cpp", "lp_maps_kernels.cpp", "lp_op.cpp", "noisy_batch_norm.cpp")]
+HEADERS = [CSRC / name for name in ("lp_kernels.h", "double_backward.h")]
 _DTYPES = (torch.float32, torch.float64)
 LP_MAPS_MIN_SPATIAL = 64  # lp_norm on feature maps (p = 1): not slower than the Python path from 8x8 up
 LP_FLAT_MAX_ROWS = 1 << 24  # lp_norm on (N, C) keeps row indices in the input's float type: exact to 2^24
@@ -127,7 +128,7 @@ def _build() -> None:
     directory = build_directory(cpp_extension.get_default_build_root())
     # torch renames the library (NAME_v1.so, ...) when the sources or flags change
     built = [library.stat().st_mtime for library in directory.glob(f"{NAME}*.so")]
-    newest_source = max(source.stat().st_mtime for source in [*SOURCES, CSRC / "lp_kernels.h"])
+    newest_source = max(source.stat().st_mtime for source in [*SOURCES, *HEADERS])
     if not built or max(built) < newest_source:
         # Lightning's logger prints INFO by default (on rank 0 only): the pause is explained.
         rank_zero_info("lightning_bn: building the CPU kernels of the lp/noisy_batch norms (once per machine, ~30 s)")

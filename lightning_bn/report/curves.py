@@ -34,6 +34,7 @@ MAX_LAYERS = 4
 COVERED = re.compile(
     r"(train|val|test|landscape)/.*|ics/.+/(l2_diff|cosine)|activations(_output)?/.+/(mean|std|mean_drift|std_drift)"
     r"|normgrad/.+/(ratio|gain|in_norm|out_norm|in_norm_lemma|mean_term|scale_term)"
+    r"|normcurv/.+/(curv_in|curv_out|curv_ratio|quad_in|quad_out|quad_chain|norm_term|norm_term_paper)"
 )
 # Bookkeeping of the measurements (Hessian-vector products used, the standard error of the trace
 # estimate, the fraction of sharpness coordinates at their bound): in the logs, not in figures.
@@ -246,6 +247,24 @@ def norm_gradient_figure(exp: Experiment) -> ReportFigure | None:
     )
     return _per_layer_figure(
         exp, "normgrad", rows, "norm_gradient", "gradient through the normalization layers", caption
+    )
+
+
+def norm_curvature_figure(exp: Experiment) -> ReportFigure | None:
+    # linear axes: a curvature along the gradient can be negative
+    rows = [
+        ("curv_in", r"$g_y^\top H_{yy}\, g_y / \|g_y\|^2$", False),
+        ("curv_out", r"$g_z^\top H_{zz}\, g_z / \|g_z\|^2$", False),
+        ("curv_ratio", "curv_in / curv_out", False),
+    ]
+    caption = (
+        "Santurkar et al. Theorem 4.2 measured in training (NormCurvatureCallback, docs/norm-gradient.md): per "
+        "normalization layer, the loss's second derivative along the normalized gradient with respect to the "
+        "layer's input y and to its output z (what the network without the layer sees there), and their ratio "
+        f"(exactly 1 at a standard network's placeholder); up to {MAX_LAYERS} layers from first to last."
+    )
+    return _per_layer_figure(
+        exp, "normcurv", rows, "norm_curvature", "curvature along the gradient at the norms", caption
     )
 
 

@@ -9,6 +9,7 @@
 
 #include <vector>
 
+#include "double_backward.h"
 #include "lp_kernels.h"
 
 namespace lightning_bn {
@@ -56,14 +57,8 @@ struct LpNorm : public torch::autograd::Function<LpNorm> {
     const Tensor& g = grad_outputs[0];
     variable_list grads(8);
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the definition
-      variable_list inputs{x};
-      if (weight.defined()) inputs.push_back(weight);
-      if (bias.defined()) inputs.push_back(bias);
       const Tensor y = lp_reference(x, weight, bias, p_inf, ctx->saved_data["eps"].toDouble());
-      const variable_list d = torch::autograd::grad({y}, inputs, {g}, true, true, true);
-      grads[0] = d[0];
-      if (weight.defined()) grads[1] = d[1];
-      if (bias.defined()) grads[2] = d[weight.defined() ? 2 : 1];
+      grads_of_definition(ctx, y, {x, weight, bias}, g, grads);
       return grads;
     }
     auto [dx, s, sum_g] = x.dim() == 2 ? lp_flat_backward(g, x, saved[3], saved[4], saved[5], saved[6], p_inf)

@@ -19,6 +19,8 @@
 #include <optional>
 #include <tuple>
 
+#include "double_backward.h"
+
 namespace lightning_bn {
 namespace {
 
@@ -90,15 +92,9 @@ struct NoisyBatchNorm : public torch::autograd::Function<NoisyBatchNorm> {
     const Tensor& g = grad_outputs[0];
     variable_list grads(11);
     if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the computation itself
-      variable_list inputs{x};
-      if (weight.defined()) inputs.push_back(weight);
-      if (bias.defined()) inputs.push_back(bias);
       auto [folded_w, folded_b] = fold_noise(weight, bias, used.select(0, 0), scale);
       const Tensor y = at::batch_norm(x, folded_w, folded_b, {}, {}, true, 0.0, eps, false);
-      const variable_list d = torch::autograd::grad({y}, inputs, {g}, true, true, true);
-      grads[0] = d[0];
-      if (weight.defined()) grads[1] = d[1];
-      if (bias.defined()) grads[2] = d[weight.defined() ? 2 : 1];
+      grads_of_definition(ctx, y, {x, weight, bias}, g, grads);
       return grads;
     }
     const std::array<bool, 3> mask{ctx->needs_input_grad(0), weight.defined(), bias.defined()};
