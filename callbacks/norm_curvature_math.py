@@ -128,7 +128,7 @@ def quadratic_forms(loss: Tensor, calls: Mapping[str, Sequence[LayerCall]]) -> T
     ys = [c.y for n in names for c in used[n]]
     zs = [c.z for n in names for c in used[n]]
     table = torch.zeros(len(names), len(COLUMNS), dtype=torch.float64)
-    if not ys:
+    if not ys or not loss.requires_grad:  # no measured layer reaches the loss
         return table
     grads = torch.autograd.grad(loss, ys + zs, create_graph=True, allow_unused=True)
     g_y, g_z = dict(zip(map(id, ys), grads[: len(ys)])), dict(zip(map(id, zs), grads[len(ys) :]))
