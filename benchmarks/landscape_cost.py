@@ -20,7 +20,9 @@ experiments, side by side in one run:
 Printed: hooks / (len(grid) x fb) and fit / (len(grid) x fb), for the callback and the
 reference; next to the hooks' median step also their best step ("best step"), the statistic
 fb itself is taken with (best of its rounds): on a machine shared with other jobs the median
-carries their interference, which the best-of fb does not. The reference shows what a
+carries their interference, which the best-of fb does not. The "like for like" line divides
+statistics of one kind: the hooks' median step by the median round of fb, the best step by
+the best round (the first line's median over best is the strictest reading). The reference shows what a
 measurement costing exactly its passes and nothing else would score on this machine: above 1
 where the model is so small that Lightning's step between measurements leaves the caches cold
 (and, in the fit column, where the training step itself runs slower after a burst of work).
@@ -183,18 +185,20 @@ def idle_step_cost(model_name: str, norm: str, steps: int = 150, rounds: int = 4
     return with_cb - without
 
 
-def forward_backward(model_name: str, norm: str, repeats: int) -> float:
-    """One plain forward+backward of the module on its batch, best of ``repeats`` x K."""
+def forward_backward(model_name: str, norm: str, repeats: int) -> tuple[float, float]:
+    """One plain forward+backward of the module on its batch: (best, median) over ``repeats``
+    rounds of K passes (each round's mean per pass)."""
     model, (x, y), _ = build(model_name, norm)
     model.train()
     params = list(model.parameters())
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first round warms up
+    rounds = []
+    for i in range(repeats + 1):
         start = time.perf_counter()
         for _ in range(K):
             torch.autograd.grad(model.loss_fn(model(x), y), params)
-        best = min(best, (time.perf_counter() - start) / K)
-    return best
+        if i:  # the first round warms up
+            rounds.append((time.perf_counter() - start) / K)
+    return min(rounds), statistics.median(rounds)
 
 
 def tight_loop(model_name: str, norm: str, rounds: int) -> float:
@@ -262,7 +266,9 @@ def main() -> None:
             best[key] = min(best.get(key, float("inf")), value)
 
         for _ in range(args.repeats):
-            keep("fb", forward_backward(name, args.norm, 5))
+            fb_best, fb_median = forward_backward(name, args.norm, 15)
+            keep("fb", fb_best)
+            keep("fb median", fb_median)
             # hooks: the callback on even steps, the reference passes on odd steps, one fit
             callback = LandscapeCallback(every_n_steps=2, method=args.method, figure_every_n_steps=None)
             _, (ours, ref) = fit(name, args.norm, 2 * args.steps, [callback, _PassesOnly(odd_steps_only=True)])
@@ -284,6 +290,8 @@ def main() -> None:
             f"  reference: {K} passes  hooks / ({K} x fb) = {best['ref hooks'] / unit:5.2f}"
             f" (best step {best['ref hooks best'] / unit:4.2f})"
             f"   fit (with - without) / ({K} x fb) = {(best['ref'] - best['without']) / unit:5.2f}\n"
+            f"  like for like: hooks median / ({K} x fb median) = {best['hooks'] / (K * best['fb median']):5.2f}"
+            f", best step / ({K} x fb best) = {best['hooks best'] / unit:4.2f}\n"
             f"  callback hooks / reference hooks (same fits) = {best['hooks'] / best['ref hooks']:5.2f}"
             f" (best step {best['hooks best'] / best['ref hooks best']:4.2f})\n"
             f"  an unmeasured step (every_n_steps=10**9) - a step without the callback = "
