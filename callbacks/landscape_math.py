@@ -249,6 +249,8 @@ class _MovedParams:
         self._buffers = [_Packed(idx, self._p, self._g, self._ALIGN_BYTES, rows, flat) for idx in groups.values()]
         #: per row, the other tensors' gradients (flattened), as the loop stores them
         self._single_grads: list[list[Tensor]] = [[] for _ in range(rows)]
+        #: the same stacked over the rows of a chunk, as :meth:`reduce_rows` leaves them (DDP)
+        self._single_stacked: list[Tensor] | None = None
         params: list[Tensor | None] = [None] * len(names)
         for b in self._buffers:
             for i, view in zip(b.idx, b.w_views):
@@ -320,7 +322,8 @@ class _MovedParams:
         losses, reduced = _reduced(reduce, losses, stored)
         for b, value in zip(self._buffers, reduced):
             b.rows[:k] = list(value.unbind(0))
-        for j, value in enumerate(reduced[len(self._buffers) :]):
+        self._single_stacked = reduced[len(self._buffers) :]  # diff_norms takes them as they are
+        for j, value in enumerate(self._single_stacked):
             for r in range(k):
                 self._single_grads[r][j] = value[r]
         return losses
@@ -338,8 +341,9 @@ class _MovedParams:
             torch.linalg.vector_norm(torch.stack(b.rows[:k]).sub_(b.g), dim=1, dtype=torch.float64)
             for b in self._buffers
         ]
+        reduced, self._single_stacked = self._single_stacked, None
         for j, i in enumerate(self._single):
-            stacked = torch.stack([self._single_grads[r][j] for r in range(k)])
+            stacked = reduced[j] if reduced is not None else torch.stack([self._single_grads[r][j] for r in range(k)])
             norms.append(torch.linalg.vector_norm(stacked - self._g[i].reshape(1, -1), dim=1, dtype=torch.float64))
         if len(norms) == 1:
             return norms[0]
