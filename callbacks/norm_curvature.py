@@ -64,8 +64,9 @@ class NormCurvatureCallback(MeasurementCallback):
     module) has no single input y: it is not measured, with one warning.
 
     Cost per measurement: one forward and one backward with ``create_graph``, then for every
-    layer three double-backward passes from the layer to the loss (about 6-8 forward+backward
-    passes per layer on a VGG); memory: the double-backward graph of one step.
+    layer three double-backward passes from the layer to the loss (on VGG-11 x 0.25, batch 128,
+    about 3.5 training steps' time per layer: 7 s for its 8 layers on one CPU thread); memory:
+    the double-backward graph of one step.
     """
 
     needs_params_t = True
