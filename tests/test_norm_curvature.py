@@ -29,6 +29,7 @@ from tests._tiny_modules import (  # noqa: F401  (one_thread: fixture)
     one_thread,
 )
 from tests.test_no_observer_effect import MODELS, _assert_same_end_state, _fit_with
+from tests.test_norm_gradient import KeepCopies  # (global_step, copy of pl_module.net, batch) at W_t
 
 pytestmark = [pytest.mark.filterwarnings("error::callbacks.MeasurementWarning"), pytest.mark.usefixtures("one_thread")]
 
@@ -151,16 +152,6 @@ def test_the_papers_closed_form_is_exact_without_eps():
 
 
 # -- in a fit -----------------------------------------------------------------------------------
-
-
-class KeepCopies(pl.Callback):
-    """(global_step, copy of ``pl_module.net``, batch) at every training batch start (W_t)."""
-
-    def __init__(self) -> None:
-        self.copies = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.copies.append((trainer.global_step, copy.deepcopy(pl_module.net), [t.clone() for t in batch]))
 
 
 def fit(module, loader, callbacks, steps: int = 3, **kwargs):
